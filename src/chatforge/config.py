@@ -1,0 +1,146 @@
+"""Configs as dataclasses, read from TOML, changed with dotted overrides (`train.lr=3e-4`).
+
+A run folder keeps the resolved config as `config.toml`, so everything that shaped a run is written down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatforge.errors import ChatforgeError
+from chatforge.model.transformer import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dir: str = "runs/demo/data"  # folder written by `chatforge prepare`
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | mps
+    compile: bool = False
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Keys that may differ between a run and its resumption without changing what is computed.
+RESUME_SAFE_KEYS = {"train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+                    "train.compile", "train.steps"}
+
+
+def _set(obj: Any, dotted: str, value: Any, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+            raise ChatforgeError(f"{where}: unknown config section '{name}' in '{dotted}'")
+        obj = getattr(obj, name)
+    names = [f.name for f in dataclasses.fields(obj)]
+    if leaf not in names:
+        raise ChatforgeError(f"{where}: unknown config key '{dotted}'. Valid keys here: {', '.join(names)}")
+    current = getattr(obj, leaf)
+    if isinstance(current, bool) and isinstance(value, str):
+        value = value.lower() in ("1", "true", "yes", "on")
+    elif current is not None and not isinstance(value, type(current)):
+        try:
+            value = type(current)(value)
+        except (TypeError, ValueError) as e:
+            raise ChatforgeError(f"{where}: '{dotted}' wants a {type(current).__name__}, got {value!r}") from e
+    setattr(obj, leaf, value)
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, base: Config | None = None
+) -> Config:
+    """Defaults (or `base`), then the TOML file, then `key=value` overrides, in that order."""
+    cfg = base or Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ChatforgeError(f"{path}: config file not found")
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ChatforgeError(f"{path}: not valid TOML ({e})") from e
+        for key, value in _flatten(table).items():
+            _set(cfg, key, value, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ChatforgeError(f"override '{item}' must look like section.key=value, e.g. train.lr=1e-3")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), _parse_value(value.strip()), "command line")
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)
+
+
+def dump_toml(table: dict) -> str:
+    """Write a two-level dict (sections of scalars) as TOML; None values are left out."""
+    lines = []
+    for section, values in table.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two configs, ignoring the resume-safe ones."""
+    a, b = _flatten(saved), _flatten(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS)

@@ -1,0 +1,111 @@
+"""Text generation with a KV cache: temperature, top-k, top-p (nucleus), stop tokens and strings, streaming.
+
+The prompt is run once (prefill) to fill the cache; then each new token costs one position of compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from chatforge.model.transformer import KVCache, Transformer
+from chatforge.tokenizer import EOT, IM_END, decode, encode
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # 0 = off; else keep the k most likely tokens
+    top_p: float = 1.0  # 1 = off; else keep the smallest set of tokens with this much probability
+    max_new_tokens: int = 200
+    stop: list[str] = field(default_factory=list)  # stop strings, not included in the output
+    seed: int | None = None
+
+
+def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (B, vocab)."""
+    if s.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.size(-1)), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already hold top_p of the probability
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= s.top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_ids: set[int] | None = None,
+                 use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time, until a stop id, max_new_tokens, or the context is full.
+    A prompt longer than the context keeps its last tokens, leaving room for the reply."""
+    context = model.cfg.context
+    room = max(1, min(s.max_new_tokens, context // 2))
+    ids = list(prompt_ids)[-(context - room):] if len(prompt_ids) > context - room else list(prompt_ids)
+    if not ids:
+        raise ValueError("generation needs at least one prompt token")
+    device = next(model.parameters()).device
+    generator = None
+    if s.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
+    cache = KVCache(model.cfg.n_layer) if use_cache else None
+    inputs = torch.tensor([ids], device=device)
+    for _ in range(s.max_new_tokens):
+        if len(ids) >= context:
+            return
+        logits = model(inputs if use_cache else torch.tensor([ids], device=device), cache=cache)[:, -1, :]
+        token = int(sample_next(logits, s, generator))
+        if stop_ids and token in stop_ids:
+            return
+        ids.append(token)
+        yield token
+        inputs = torch.tensor([[token]], device=device)
+
+
+def default_stop_ids(tok: Tokenizer) -> set[int]:
+    return {tok.token_to_id(EOT), tok.token_to_id(IM_END)}
+
+
+def stream_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling,
+                stop_ids: set[int] | None = None) -> Iterator[str]:
+    """Yield pieces of the reply as they are decided. A piece is held back while it ends in an
+    unfinished UTF-8 character (a Chinese character is 3 bytes, often split across tokens) or could
+    be the start of a stop string."""
+    stop_ids = default_stop_ids(tok) if stop_ids is None else stop_ids
+    new: list[int] = []
+    emitted = 0
+    for token in generate_ids(model, encode(tok, prompt), s, stop_ids):
+        new.append(token)
+        text = decode(tok, new)
+        if text.endswith("\ufffd"):
+            continue
+        hits = [text.find(x, max(0, emitted - len(x))) for x in s.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            yield text[emitted : min(hits)]
+            return
+        safe = len(text)
+        for x in s.stop:  # hold back a tail that may grow into a stop string
+            for n in range(min(len(x) - 1, len(text)), 0, -1):
+                if text.endswith(x[:n]):
+                    safe = min(safe, len(text) - n)
+                    break
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = decode(tok, new)
+    if len(text) > emitted:
+        yield text[emitted:]
+
+
+def generate_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling) -> str:
+    return "".join(stream_text(model, tok, prompt, s))

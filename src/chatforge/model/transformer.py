@@ -1,0 +1,251 @@
+"""One decoder-only Transformer, GPT-2 style or Llama style, in plain PyTorch.
+
+GPT-2 style: learned positions, LayerNorm, GELU MLP, biases, tied embeddings (Radford et al., 2019).
+Llama style: rotary positions (RoPE, Su et al., 2021), RMSNorm, SwiGLU MLP, grouped-query attention
+(Ainslie et al., 2023) through `n_kv_head`, no biases (Touvron et al., 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    style: str = "gpt2"  # gpt2 | llama
+    vocab_size: int = 0  # 0: taken from the tokenizer/data
+    context: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0  # 0: same as n_head (plain multi-head attention); fewer: grouped-query attention
+    d_model: int = 384
+    d_ff: int = 0  # 0: 4*d_model (gpt2) or the SwiGLU size 8/3*d_model rounded up to 64 (llama)
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.style == "gpt2":
+            return 4 * self.d_model
+        return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def validate(self) -> None:
+        from chatforge.errors import ChatforgeError
+
+        if self.vocab_size <= 0:
+            raise ChatforgeError("model.vocab_size must be set (a positive number of token ids)")
+        if self.style not in ("gpt2", "llama"):
+            raise ChatforgeError(f"model.style must be 'gpt2' or 'llama', got '{self.style}'")
+        if self.d_model % self.n_head:
+            raise ChatforgeError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ChatforgeError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})"
+            )
+        if self.style == "llama" and (self.d_model // self.n_head) % 2:
+            raise ChatforgeError("RoPE needs an even head size: change model.d_model or model.n_head")
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.style == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * theta^(-2i/d), laid out for the rotate-half convention (as in HF Llama)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past positions, per layer, so each new token costs one position of compute."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual = True  # scaled at init, see Transformer._init_weights
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.style == "llama"
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        past = 0
+        if cache is not None:
+            past = 0 if cache.keys[self.layer] is None else cache.keys[self.layer].shape[2]
+            k, v = cache.update(self.layer, k, v)
+        mask, causal = None, T > 1
+        if past and T > 1:  # new tokens see every cached position and the earlier new ones
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu(up(x))). Llama: down(silu(gate(x)) * up(x)), the SwiGLU of Shazeer (2020)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.style == "llama"
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.down.residual = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.context, cfg.d_model) if cfg.style == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.style == "llama":
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.context, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer) so the
+        # residual stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab); with `targets`, the mean cross-entropy over targets != -100."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context})")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores,
+        6N + 12 * n_layer * d_model * context (Kaplan et al., 2020; PaLM appendix B)."""
+        n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        if not self.cfg.tie_embeddings:
+            n -= self.tok_emb.weight.numel()  # a lookup, not a matmul
+        return 6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * self.cfg.context

@@ -1,0 +1,171 @@
+"""The one training loop every stage shares.
+
+It owns the device, precision, optimizer, schedule, gradient accumulation and clipping, logging,
+evaluation, checkpoints and resume. A stage supplies only a `Stage`: how to get its next batch, its
+loss, and its held-out evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from chatforge.config import TrainConfig, config_differences, dump_toml
+from chatforge.errors import ChatforgeError
+from chatforge.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from chatforge.train.device import autocast, peak_matmul_flops, pick_device, pick_dtype
+from chatforge.train.schedule import lr_at
+
+
+@dataclass
+class Stage:
+    """What a stage gives the loop."""
+
+    name: str
+    next_batch: Callable[[], object]  # one micro-batch of training data
+    loss: Callable[[torch.nn.Module, object], torch.Tensor]  # the loss of that batch
+    tokens_per_batch: int  # for tokens/s and MFU
+    evaluate: Callable[[torch.nn.Module], dict] | None = None  # held-out numbers
+    data_state: Callable[[], dict] = field(default=lambda: {})  # the data position, to checkpoint
+    load_data_state: Callable[[dict], None] = field(default=lambda state: None)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only, not on biases, norms (Loshchilov & Hutter, 2019)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per log step) and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():  # drop what was logged after the checkpoint: it will be logged again
+            keep = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional at run time
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def check_resume_config(run_dir: Path, config: dict) -> None:
+    import tomllib
+
+    saved_path = run_dir / "config.toml"
+    if not saved_path.is_file():
+        return
+    changed = config_differences(tomllib.loads(saved_path.read_text()), config)
+    if changed:
+        raise ChatforgeError(
+            f"{saved_path}: cannot resume with a changed config ({', '.join(changed)} differ); "
+            "undo the change, or start a new run folder"
+        )
+
+
+def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path, config: dict,
+          resume: str | None = None) -> dict:
+    """Train `model` on `stage` for cfg.steps optimizer steps; returns the last evaluation's numbers."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg, device)
+    step = 0
+    if resume is not None:
+        check_resume_config(run_dir, config)
+        meta = load_checkpoint(resolve_checkpoint(run_dir, resume), model, optimizer)
+        step = meta["step"]
+        stage.load_data_state(meta["data"])
+    else:
+        torch.manual_seed(cfg.seed)
+    (run_dir / "config.toml").write_text(dump_toml(config))
+    forward = torch.compile(model) if cfg.compile else model
+    log = MetricsLog(run_dir, step if resume is not None else None)
+    peak = peak_matmul_flops(device, dtype)
+    flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0.0
+
+    stop_signal: list[int] = []
+    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir, step, model, optimizer, {"data": stage.data_state()}, cfg.keep_checkpoints)
+
+    evaluation: dict = {}
+    bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
+    try:
+        model.train()
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                with autocast(device, dtype):
+                    loss = stage.loss(forward, stage.next_batch()) / cfg.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                raise ChatforgeError(f"{stage.name}: loss became {loss_sum} at step {step + 1}; "
+                                     "lower train.lr or use train.precision=fp32 (last checkpoint kept)")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt
+            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak}
+            if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                model.eval()
+                with torch.no_grad(), autocast(device, dtype):
+                    evaluation = stage.evaluate(model)
+                model.train()
+                record.update(evaluation)
+            if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record:
+                log.write(record)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}")
+            bar.update(1)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_signal:
+                checkpoint()
+            if stop_signal:
+                raise ChatforgeError(f"{stage.name}: stopped by signal at step {step}; checkpoint saved in "
+                                     f"{run_dir}/checkpoints; continue with --resume")
+    finally:
+        bar.close()
+        log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return evaluation
