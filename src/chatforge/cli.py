@@ -34,7 +34,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     t = time.perf_counter()
-    result = run_pretrain(cfg, args.out, args.resume)
+    result = run_pretrain(cfg, args.out, args.resume_from or ("latest" if args.resume else None))
     print(f"pretrain: val loss {result['val_loss']:.3f}, val bits/byte {result['val_bpb']:.3f} "
           f"(unigram baseline {result['val_unigram_bpb']:.3f}), {result['params']:,} params, "
           f"{time.perf_counter() - t:.0f}s -> {args.out}")
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pre-train. Overrides look like train.lr=1e-3 model.n_layer=4.")
     p.add_argument("--config", help="TOML config (see configs/)")
     p.add_argument("--out", default="runs/default/pretrain", help="run folder")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the latest checkpoint, or a given step number or checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     p.set_defaults(func=cmd_pretrain)
 

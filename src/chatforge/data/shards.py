@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def prepare(paths: list[str], tokenizer_dir: str | Path, out: str | Path, val_fr
             counts[:] += np.bincount(ids, minlength=vocab)
         docs.clear()
 
-    with tqdm(desc="prepare", unit=" docs") as bar:
+    with tqdm(desc="prepare", unit=" docs", mininterval=0.5 if sys.stderr.isatty() else 15) as bar:
         for doc in iter_corpus(paths):
             split = "val" if is_val_document(doc, val_fraction) else "train"
             batches[split].append(doc)

@@ -52,6 +52,7 @@ def run_pretrain(cfg: Config, out: str | Path, resume: str | None = None) -> dic
                              f"with {meta['vocab_size']} ids; set model.vocab_size=0 to use the data's")
     if resume is None and (out / "checkpoints").exists():
         raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
+    torch.manual_seed(cfg.train.seed)  # the same seed, the same initial weights
     model = Transformer(cfg.model)
     sampler = WindowSampler(open_tokens(data_dir, "train"), cfg.model.context, cfg.train.batch_size, cfg.train.seed)
     device = pick_device(cfg.train.device)

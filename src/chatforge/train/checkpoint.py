@@ -123,8 +123,8 @@ def verify_checkpoint(path: Path) -> dict:
         f = path / name
         bad = not f.is_file() or f.stat().st_size != want["bytes"] or _sha256(f) != want["sha256"]
         if bad:
-            others = [s for s in list_checkpoints(path.parent) if f"step_{s}" != path.name]
-            hint = f"resume from an earlier one with --resume {others[-1]}" if others else "start the run again"
+            others = [s for s in list_checkpoints(path.parent.parent) if f"step_{s}" != path.name]
+            hint = f"resume from an earlier one with --resume-from {others[-1]}" if others else "start the run again"
             raise ChatforgeError(f"{f}: truncated or corrupted checkpoint (size or SHA-256 differs); {hint}")
     return meta
 

@@ -49,8 +49,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of a square matmul, the best this device does: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG stream is untouched
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     for _ in range(3):
         a @ b
     best, deadline = 0.0, time.perf_counter() + seconds

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -123,7 +124,8 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
         save_checkpoint(run_dir, step, model, optimizer, {"data": stage.data_state()}, cfg.keep_checkpoints)
 
     evaluation: dict = {}
-    bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15)
     try:
         model.train()
         while step < cfg.steps:

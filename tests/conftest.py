@@ -1,0 +1,72 @@
+"""Shared fixtures: a small slice of the bundled demo corpus, a tokenizer, shards and a pre-trained model,
+built once per test session (all made by the tests, nothing downloaded)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from chatforge.config import load_config
+from chatforge.data.shards import prepare
+from chatforge.stages.pretrain import run_pretrain
+from chatforge.tokenizer import save_tokenizer, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """~1.2 MB of the demo corpus: documents of every source, as .jsonl."""
+    rows = [json.loads(line) for line in gzip.open(DEMO_CORPUS, "rt", encoding="utf-8")]
+    by_source: dict[str, list[dict]] = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row)
+    budget = {"shakespeare": 500_000, "kjv": 500_000, "tang": 60_000, "song": 30_000}
+    picked = []
+    for source, docs in sorted(by_source.items()):
+        size = 0
+        for row in docs:
+            if size > budget.get(source, 100_000):
+                break
+            picked.append(row)
+            size += len(row["text"])
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in picked), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus, tmp_path_factory) -> Path:
+    from chatforge.data.readers import iter_corpus
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    save_tokenizer(train_tokenizer(iter_corpus([corpus]), 1024), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(corpus, tokenizer_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "shards"
+    prepare([str(corpus)], tokenizer_dir, out, val_fraction=0.05)
+    return out
+
+
+def tiny_config(data_dir: Path, *overrides: str):
+    """A model small enough to train in seconds on 2 cores."""
+    return load_config(
+        REPO / "configs" / "demo.toml",
+        [f"data.dir={data_dir}", "model.n_layer=2", "model.d_model=128", "model.n_head=4", "model.n_kv_head=2",
+         "model.context=64", "train.batch_size=16", "train.steps=150", "train.warmup_steps=20",
+         "train.eval_every=75", "train.eval_batches=4", "train.checkpoint_every=75", *overrides],
+    )
+
+
+@pytest.fixture(scope="session")
+def pretrained(data_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "pretrain"
+    result = run_pretrain(tiny_config(data_dir), out)
+    return out, result

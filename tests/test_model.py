@@ -1,0 +1,73 @@
+import torch
+
+from chatforge.config import load_config
+from chatforge.model.generate import Sampling, generate_ids
+from chatforge.model.transformer import KVCache, ModelConfig, Transformer
+from conftest import REPO
+
+
+def build_on_meta(cfg: ModelConfig) -> Transformer:
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        return Transformer(cfg)
+
+
+def test_gpt2_small_has_exactly_124_439_808_parameters():
+    cfg = load_config(REPO / "configs" / "gpt2-124m.toml").model
+    assert build_on_meta(cfg).num_params() == 124_439_808
+
+
+def test_llama_preset_is_gpt2_small_sized():
+    model = build_on_meta(load_config(REPO / "configs" / "llama-124m.toml").model)
+    assert abs(model.num_params() - 124_439_808) / 124_439_808 < 0.05
+    assert model.blocks[0].attn.n_kv_head == 4 and model.pos_emb is None
+
+
+def small(style: str) -> Transformer:
+    torch.manual_seed(0)
+    kv = 2 if style == "llama" else 0
+    cfg = ModelConfig(style=style, vocab_size=97, context=48, n_layer=2, n_head=4, n_kv_head=kv, d_model=32,
+                      bias=style == "gpt2")
+    return Transformer(cfg).eval()
+
+
+def test_kv_cache_logits_equal_full_forward():
+    for style in ("gpt2", "llama"):
+        model = small(style)
+        ids = torch.randint(0, 97, (2, 20))
+        full = model(ids)
+        cache = KVCache(model.cfg.n_layer)
+        pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]
+        pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
+        assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5), style
+
+
+def test_greedy_generation_with_cache_equals_without():
+    for style in ("gpt2", "llama"):
+        model = small(style)
+        greedy = Sampling(temperature=0, max_new_tokens=30)
+        with_cache = list(generate_ids(model, [5, 17, 42], greedy, use_cache=True))
+        without = list(generate_ids(model, [5, 17, 42], greedy, use_cache=False))
+        assert len(with_cache) == 30 and with_cache == without, style
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = small("llama")
+    greedy = list(generate_ids(model, [1, 2, 3], Sampling(temperature=0, max_new_tokens=15)))
+    assert list(generate_ids(model, [1, 2, 3], Sampling(temperature=1.0, top_k=1, max_new_tokens=15, seed=3))) == greedy
+    assert list(generate_ids(model, [1, 2, 3], Sampling(temperature=1.0, top_p=1e-6, max_new_tokens=15, seed=3))) \
+        == greedy
+
+
+def test_generation_stops_at_stop_id_and_at_context():
+    model = small("gpt2")
+    first = list(generate_ids(model, [1, 2, 3], Sampling(temperature=0, max_new_tokens=20)))
+    k = next((i for i, t in enumerate(first) if t not in first[:i] and i > 0), 0)  # a token's first appearance
+    stopped = list(generate_ids(model, [1, 2, 3], Sampling(temperature=0, max_new_tokens=20), stop_ids={first[k]}))
+    assert stopped == first[:k]
+    assert len(list(generate_ids(model, list(range(40)), Sampling(temperature=0, max_new_tokens=100)))) == 24
+
+
+def test_flops_per_token_follows_6n():
+    model = small("gpt2")
+    n = model.num_params() - model.pos_emb.weight.numel()
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 48

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatforge.errors import ChatforgeError
+from chatforge.tokenizer import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    decode,
+    encode,
+    load_tokenizer,
+    render_chat,
+    train_tokenizer,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip_any_unicode(tokenizer_dir, text):
+    tok = load_tokenizer(tokenizer_dir)
+    assert decode(tok, encode(tok, text)) == text
+
+
+def test_chinese_and_english_compress(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    for text in ["床前明月光，疑是地上霜。", "And God said, Let there be light: and there was light."]:
+        ids = encode(tok, text)
+        assert decode(tok, ids) == text
+        assert len(ids) < len(text.encode("utf-8"))  # merges learned on the corpus shorten the text
+
+
+def test_special_tokens_are_single_ids(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    for special in SPECIAL_TOKENS:
+        assert encode(tok, special) == [tok.token_to_id(special)]
+    assert tok.get_vocab_size() == 1024
+
+
+def test_chat_template_saved_and_matches_render(tokenizer_dir):
+    import jinja2
+
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "写一句诗"},
+                {"role": "assistant", "content": "床前明月光"}]
+    template = jinja2.Environment().from_string(CHAT_TEMPLATE)
+    for gen in (False, True):
+        assert template.render(messages=messages, add_generation_prompt=gen) == render_chat(messages, gen)
+
+
+def test_vocab_too_small_is_refused():
+    with pytest.raises(ChatforgeError, match="too small"):
+        train_tokenizer(["hello world"], 200)
+
+
+def test_missing_tokenizer_names_the_path(tmp_path):
+    with pytest.raises(ChatforgeError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def byte_token_ids(tok, text: str) -> list[int]:
+    """One token per UTF-8 byte, through GPT-2's byte-to-character table: the worst case for streaming."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [tok.token_to_id(table[b]) for b in text.encode("utf-8")]
+
+
+def test_streaming_never_emits_half_a_chinese_character(tokenizer_dir, monkeypatch):
+    import chatforge.model.generate as gen
+
+    tok = load_tokenizer(tokenizer_dir)
+    reply = "举头望明月，低头思故乡。 moon 🌙"
+    ids = byte_token_ids(tok, reply)
+    assert decode(tok, ids) == reply and len(ids) == len(reply.encode("utf-8"))
+    monkeypatch.setattr(gen, "generate_ids", lambda *args, **kwargs: iter(ids))
+    pieces = list(gen.stream_text(None, tok, "prompt", gen.Sampling()))
+    assert "".join(pieces) == reply and all("\ufffd" not in p for p in pieces)
+    assert len(pieces) > 10  # streamed as it came, not all at the end
+    cut = list(gen.stream_text(None, tok, "prompt", gen.Sampling(stop=["思故"])))
+    assert "".join(cut) == "举头望明月，低头"
