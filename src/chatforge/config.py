@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.lora import LoRAConfig
 from chatforge.model.transformer import ModelConfig
 
 
@@ -42,6 +43,8 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    freeze: str = "none"  # classification: head (train only the head) | last_n (head + last n_train_layers) | none
+    n_train_layers: int = 1
 
 
 @dataclass
@@ -49,6 +52,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 # Keys that may differ between a run and its resumption without changing what is computed.

@@ -53,7 +53,16 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def load_run_model(folder: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """The model saved in a run folder, in eval mode."""
+    """The model saved in a run folder, in eval mode. A LoRA run holds only its adapter and names
+    its base run, which is loaded first."""
+    folder = Path(folder)
+    adapter = folder / "adapter.json"
+    if adapter.is_file() and not (folder / "model.safetensors").is_file():
+        from chatforge.model.lora import load_adapter
+
+        model = load_run_model(json.loads(adapter.read_text())["base"])
+        load_adapter(model, folder)
+        return model.to(device).eval()
     model = Transformer(read_model_config(folder))
-    load_weights(model, Path(folder) / "model.safetensors")
+    load_weights(model, folder / "model.safetensors")
     return model.to(device).eval()

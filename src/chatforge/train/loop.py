@@ -158,7 +158,8 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
                 record.update(evaluation)
             if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record:
                 log.write(record)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}")
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}",
+                            refresh=False)
             bar.update(1)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop_signal:
                 checkpoint()

@@ -1,0 +1,42 @@
+"""Held-out scoring of a chat model on the demo task: does the reply end with <|im_end|> within the
+token budget, and does the constraint checker accept it?"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer
+
+from chatforge.model.generate import Sampling, generate_ids
+from chatforge.model.transformer import Transformer
+from chatforge.tasks.verse import check
+from chatforge.tokenizer import EOT, IM_END, decode, encode, render_chat
+
+
+def reply(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling) -> tuple[str, bool]:
+    """The assistant's reply to one user prompt, and whether it ended with <|im_end|> (or <|endoftext|>)."""
+    ids = encode(tok, render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True))
+    stops = {tok.token_to_id(IM_END), tok.token_to_id(EOT)}
+    new = []
+    for token in generate_ids(model, ids, s):
+        if token in stops:
+            return decode(tok, new), True
+        new.append(token)
+    return decode(tok, new), False
+
+
+@torch.no_grad()
+def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
+                  temperature: float = 0.0, seed: int = 0) -> dict:
+    """Success rate (checker) and end-token rate over `rows`; greedy by default so numbers repeat."""
+    model.eval()
+    successes, ended, samples = 0, 0, []
+    for i, row in enumerate(rows):
+        s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
+        text, done = reply(model, tok, row["prompt"], s)
+        ok = done and check(row, text)
+        successes += ok
+        ended += done
+        if len(samples) < 6:
+            samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
+    n = max(1, len(rows))
+    return {"success": successes / n, "end_rate": ended / n, "n": len(rows), "samples": samples}

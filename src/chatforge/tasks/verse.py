@@ -1,0 +1,129 @@
+"""The demo task, "verse on request": ask for a line with a given word (or character), answer with a
+real line of the corpus that has it. A program checks every answer, so each stage can be scored on
+held-out prompts whose keywords no training prompt ever asked for.
+
+  Write a line that contains the word "crown".     -> a Shakespeare line containing "crown"
+  写一句含有「月」的五言诗句。                        -> a five-character line of a Tang poem containing 月
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+WORD = re.compile(r"[a-z]+")
+EN_PROMPT = 'Write a line that contains the word "{kw}".'
+ZH_PROMPT = "写一句含有「{kw}」的{name}诗句。"
+ZH_NAMES = {5: "五言", 7: "七言"}
+STOPWORDS = set("""the and that with this thou thee thy have from what will your shall which their them they there
+then than when were been more upon unto into hath doth would should could some such here these those where
+whom whose very well like make made come came good know must most much only said says even ever never
+""".split())
+
+
+def _held_out(keyword: str, fraction: float) -> bool:
+    h = int.from_bytes(hashlib.blake2b(keyword.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def english_lines(text: str) -> list[str]:
+    """Lines of verse or prose dialogue: 5 to 12 words, no speaker names or stage directions."""
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        words = line.split()
+        skip = line.isupper() or line.startswith(("[", "(", "SCENE", "Scene", "ACT", "Act ", "Enter", "Exit", "Exeunt"))
+        if 5 <= len(words) <= 12 and not skip and line[0].isupper():
+            out.append(line)
+    return out
+
+
+def chinese_lines(text: str) -> list[str]:
+    """Five- or seven-character half lines of a poem (split at its punctuation)."""
+    out = []
+    for part in re.split(r"[，。！？；、,.!?;\s]+", text):
+        if len(part) in ZH_NAMES and all(CJK.match(c) for c in part):
+            out.append(part)
+    return out
+
+
+def check(row: dict, response: str) -> bool:
+    """The constraint checker: the reward for GRPO and the judge for every held-out evaluation."""
+    reply = response.strip()
+    if not reply or "\n" in reply:
+        return False
+    if row["kind"] == "en":
+        return row["keyword"] in WORD.findall(reply.lower())
+    chars = CJK.findall(reply)
+    rest = re.sub(r"[\u4e00-\u9fff，。！？；、,.!?;\s]", "", reply)
+    return len(chars) == row["length"] and row["keyword"] in chars and not rest
+
+
+def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
+                seed: int = 0) -> dict[str, int]:
+    """Write sft_train.jsonl, sft_val.jsonl (held-out keywords) and prompts_{train,heldout}.jsonl.
+
+    Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
+    real lines that would satisfy the prompt."""
+    en: list[str] = []
+    zh: list[str] = []
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["source"] == "shakespeare":
+                en += english_lines(doc["text"])
+            elif doc["source"] in ("tang", "song"):
+                zh += chinese_lines(doc["text"])
+    en, zh = sorted(set(en)), sorted(set(zh))
+    by_word: dict[str, list[str]] = {}
+    for line in en:
+        for w in set(WORD.findall(line.lower())):
+            if len(w) >= 4 and w not in STOPWORDS:
+                by_word.setdefault(w, []).append(line)
+    by_char: dict[tuple[str, int], list[str]] = {}
+    for line in zh:
+        for c in set(line):
+            by_char.setdefault((c, len(line)), []).append(line)
+    rng = random.Random(seed)
+    rows = []
+    for w, lines in sorted(by_word.items()):
+        if 8 <= len(lines) <= 400:
+            for answer in rng.sample(lines, min(per_keyword, len(lines))):
+                rows.append({"prompt": EN_PROMPT.format(kw=w), "completion": answer, "keyword": w, "kind": "en",
+                             "length": 0, "answers": len(lines)})
+    char_counts = Counter(c for (c, _), lines in by_char.items() for _ in lines)
+    for (c, n), lines in sorted(by_char.items()):
+        if len(lines) >= 4 and char_counts[c] >= 6:
+            for answer in rng.sample(lines, min(per_keyword, len(lines))):
+                rows.append({"prompt": ZH_PROMPT.format(kw=c, name=ZH_NAMES[n]), "completion": answer, "keyword": c,
+                             "kind": "zh", "length": n, "answers": len(lines)})
+    train = [r for r in rows if not _held_out(r["keyword"], held_out_fraction)]
+    val = [r for r in rows if _held_out(r["keyword"], held_out_fraction)]
+    rng.shuffle(train)
+    rng.shuffle(val)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(name: str, items: list[dict]) -> None:
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
+
+    def unique_prompts(items: list[dict]) -> list[dict]:
+        seen, result = set(), []
+        for r in items:
+            if r["prompt"] not in seen:
+                seen.add(r["prompt"])
+                result.append({k: v for k, v in r.items() if k != "completion"})
+        return result
+
+    write("sft_train.jsonl", train)
+    write("sft_val.jsonl", val)
+    write("prompts_train.jsonl", unique_prompts(train))
+    write("prompts_heldout.jsonl", unique_prompts(val))
+    return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(unique_prompts(train)),
+            "prompts_heldout": len(unique_prompts(val))}
