@@ -1,9 +1,13 @@
-"""The demo task, "verse on request": ask for a line with a given word (or character), answer with a
-real line of the corpus that has it. A program checks every answer, so each stage can be scored on
-held-out prompts whose keywords no training prompt ever asked for.
+"""The demo task, "verse on request": ask for a line that begins with a given word (or character),
+answer with a real line of the corpus that does. A program checks every answer, so each stage can be
+scored on held-out prompts whose keywords no training prompt ever asked for.
 
-  Write a line that contains the word "crown".     -> a Shakespeare line containing "crown"
-  写一句含有「月」的五言诗句。                        -> a five-character line of a Tang poem containing 月
+  Write a line that begins with the word "Crown".  -> a Shakespeare line whose first word is "Crown"
+  写一句以「月」开头的五言诗句。                      -> a five-character line of a Tang poem starting with 月
+
+Why "begins with" rather than "contains": answering a held-out keyword means copying it from the
+prompt. At the first position of the reply that copy is one fixed-offset attention pattern, which the
+demo's 4 M-parameter model learns in a few minutes of SFT; "somewhere in the line" it does not.
 """
 
 from __future__ import annotations
@@ -13,18 +17,13 @@ import hashlib
 import json
 import random
 import re
-from collections import Counter
 from pathlib import Path
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 WORD = re.compile(r"[a-z]+")
-EN_PROMPT = 'Write a line that contains the word "{kw}".'
-ZH_PROMPT = "写一句含有「{kw}」的{name}诗句。"
+EN_PROMPT = 'Write a line that begins with the word "{kw}".'
+ZH_PROMPT = "写一句以「{kw}」开头的{name}诗句。"
 ZH_NAMES = {5: "五言", 7: "七言"}
-STOPWORDS = set("""the and that with this thou thee thy have from what will your shall which their them they there
-then than when were been more upon unto into hath doth would should could some such here these those where
-whom whose very well like make made come came good know must most much only said says even ever never
-""".split())
 
 
 def _held_out(keyword: str, fraction: float) -> bool:
@@ -59,10 +58,11 @@ def check(row: dict, response: str) -> bool:
     if not reply or "\n" in reply:
         return False
     if row["kind"] == "en":
-        return row["keyword"] in WORD.findall(reply.lower())
+        words = WORD.findall(reply.lower())
+        return bool(words) and words[0] == row["keyword"].lower() and reply.lower().lstrip("'\"([").startswith(words[0])
     chars = CJK.findall(reply)
     rest = re.sub(r"[\u4e00-\u9fff，。！？；、,.!?;\s]", "", reply)
-    return len(chars) == row["length"] and row["keyword"] in chars and not rest
+    return len(chars) == row["length"] and chars[0] == row["keyword"] and not rest
 
 
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
@@ -83,23 +83,21 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     en, zh = sorted(set(en)), sorted(set(zh))
     by_word: dict[str, list[str]] = {}
     for line in en:
-        for w in set(WORD.findall(line.lower())):
-            if len(w) >= 4 and w not in STOPWORDS:
-                by_word.setdefault(w, []).append(line)
+        first = re.match(r"[A-Za-z]+", line)
+        if first and len(first.group()) >= 3:
+            by_word.setdefault(first.group().capitalize(), []).append(line)
     by_char: dict[tuple[str, int], list[str]] = {}
     for line in zh:
-        for c in set(line):
-            by_char.setdefault((c, len(line)), []).append(line)
+        by_char.setdefault((line[0], len(line)), []).append(line)
     rng = random.Random(seed)
     rows = []
     for w, lines in sorted(by_word.items()):
-        if 8 <= len(lines) <= 400:
+        if len(lines) >= 4:
             for answer in rng.sample(lines, min(per_keyword, len(lines))):
                 rows.append({"prompt": EN_PROMPT.format(kw=w), "completion": answer, "keyword": w, "kind": "en",
                              "length": 0, "answers": len(lines)})
-    char_counts = Counter(c for (c, _), lines in by_char.items() for _ in lines)
     for (c, n), lines in sorted(by_char.items()):
-        if len(lines) >= 4 and char_counts[c] >= 6:
+        if len(lines) >= 2:
             for answer in rng.sample(lines, min(per_keyword, len(lines))):
                 rows.append({"prompt": ZH_PROMPT.format(kw=c, name=ZH_NAMES[n]), "completion": answer, "keyword": c,
                              "kind": "zh", "length": n, "answers": len(lines)})
