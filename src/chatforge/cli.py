@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
@@ -28,13 +29,17 @@ def cmd_prepare(args: argparse.Namespace) -> None:
           f"unigram baseline {meta['val_unigram_bpb']:.3f} bits/byte -> {args.out}")
 
 
+def resume_point(args: argparse.Namespace) -> str | None:
+    return args.resume_from or ("latest" if args.resume else None)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.pretrain import run_pretrain
 
     cfg = load_config(args.config, args.overrides)
     t = time.perf_counter()
-    result = run_pretrain(cfg, args.out, args.resume_from or ("latest" if args.resume else None))
+    result = run_pretrain(cfg, args.out, resume_point(args))
     print(f"pretrain: val loss {result['val_loss']:.3f}, val bits/byte {result['val_bpb']:.3f} "
           f"(unigram baseline {result['val_unigram_bpb']:.3f}), {result['params']:,} params, "
           f"{time.perf_counter() - t:.0f}s -> {args.out}")
@@ -58,6 +63,83 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from chatforge.chat import chat_loop
+    from chatforge.model.io import load_run_model
+    from chatforge.tokenizer import load_tokenizer
+
+    chat_loop(load_run_model(args.run), load_tokenizer(args.run), sampling_from(args), system=args.system)
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from chatforge.config import load_config
+    from chatforge.stages.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides)
+    t = time.perf_counter()
+    result = run_sft(cfg, args.init, args.data, args.out, args.val, resume_point(args))
+    if args.prompts:
+        from chatforge.eval.task import evaluate_task, load_prompts
+        from chatforge.model.io import load_run_model
+        from chatforge.tokenizer import load_tokenizer
+
+        rows, tok = load_prompts(args.prompts), load_tokenizer(args.out)
+        for name, run in (("base", args.init), ("sft", args.out)):
+            e = evaluate_task(load_run_model(run), tok, rows)
+            result[f"{name}_success"], result[f"{name}_end_rate"] = e["success"], e["end_rate"]
+            print(f"sft: {name} model on {e['n']} held-out prompts: success {e['success']:.1%}, "
+                  f"ends with <|im_end|> {e['end_rate']:.1%}")
+    print(f"sft: {result.get('val_loss', float('nan')):.3f} val loss on assistant tokens, "
+          f"{result['trainable_params']:,} trainable params, {time.perf_counter() - t:.0f}s -> {args.out}")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from chatforge.stages.classify import predict, run_classify
+
+    if args.predict:
+        if not args.run:
+            raise ChatforgeError("--predict needs --run, the folder of a trained classifier")
+        for text, (label, p) in zip(args.predict, predict(args.run, args.predict), strict=True):
+            print(f"{label}\t{p:.3f}\t{text}")
+        return
+    if not (args.init and args.data and args.val):
+        raise ChatforgeError("training a classifier needs --init RUN, --data FILE.jsonl and --val FILE.jsonl")
+    from chatforge.config import load_config
+
+    result = run_classify(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out)
+    print(f"classify: held-out accuracy {result['val_accuracy']:.1%} (majority class "
+          f"{result['majority_baseline']:.1%}) -> {args.out}")
+    labels = result["labels"]
+    print("confusion (rows: truth, columns: predicted)\n" + "\t".join(["", *labels]))
+    for label, row in zip(labels, result["confusion"], strict=True):
+        print("\t".join([label, *map(str, row)]))
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from chatforge.tasks.verse import build_source_labels, build_tasks
+
+    counts = {**build_tasks(args.corpus, args.out), **build_source_labels(args.corpus, args.out)}
+    print("tasks: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + f" -> {args.out}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import shutil
+
+    from chatforge.model.io import load_run_model, save_model_files
+    from chatforge.model.lora import merge_lora
+
+    if not args.merge:
+        raise ChatforgeError("export needs --merge (fold LoRA adapters into the base weights)")
+    if not (Path(args.run) / "adapter.json").is_file():
+        raise ChatforgeError(f"{args.run}: no adapter.json here, so nothing to merge; it is already a full model")
+    model = merge_lora(load_run_model(args.run))
+    save_model_files(model, args.out, {"stage": "merged", "from": str(args.run)})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(args.run) / name).is_file():
+            shutil.copy(Path(args.run) / name, Path(args.out) / name)
+    print(f"export: merged LoRA adapters of {args.run} into {args.out}/model.safetensors")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -100,6 +182,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens only)",
+                       description="SFT. Rows: {\"messages\": [...]} or {\"prompt\", \"completion\"}. "
+                       "LoRA with lora.r=8 lora.targets=q,k,v,o.")
+    p.add_argument("--init", required=True, help="run folder of the model to start from (e.g. runs/demo/pretrain)")
+    p.add_argument("--data", required=True, help="training conversations, .jsonl")
+    p.add_argument("--val", help="held-out conversations, .jsonl (val loss on assistant tokens)")
+    p.add_argument("--prompts", help="held-out task prompts, .jsonl: score base and SFT models after training")
+    p.add_argument("--config", help="TOML config (see configs/demo-sft.toml)")
+    p.add_argument("--out", default="runs/default/sft", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 lora.r=8")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("classify", help="train a classification head (or --predict with a trained one)",
+                       description="Rows {\"text\", \"label\"}; train.freeze=head|last_n|none.")
+    p.add_argument("--init", help="run folder of the model to start from")
+    p.add_argument("--data", help="training rows, .jsonl")
+    p.add_argument("--val", help="held-out rows, .jsonl (accuracy and confusion matrix)")
+    p.add_argument("--config", help="TOML config (see configs/demo-classify.toml)")
+    p.add_argument("--out", default="runs/default/classify", help="run folder")
+    p.add_argument("--run", help="with --predict: the trained classifier's run folder")
+    p.add_argument("--predict", nargs="+", metavar="TEXT", help="classify these texts with --run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.freeze=head")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("tasks", help="build the demo task data (instructions, held-out prompts, labels)")
+    p.add_argument("--corpus", default="data/demo/corpus.jsonl.gz")
+    p.add_argument("--out", default="runs/demo/tasks")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("export", help="write a LoRA run as one full model (--merge)")
+    p.add_argument("--run", required=True, help="run folder with adapter.safetensors")
+    p.add_argument("--merge", action="store_true", help="fold the adapters into the base weights: W + (alpha/r) B A")
+    p.add_argument("--out", required=True, help="folder for the merged model.safetensors + model.json")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal with a chat model")
+    p.add_argument("--run", required=True, help="run folder of a chat model (e.g. runs/demo/sft)")
+    p.add_argument("--system", help="system message")
+    add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate text from a trained model, streamed")
     p.add_argument("--run", required=True, help="run folder with model.safetensors and tokenizer.json")

@@ -1,7 +1,10 @@
-"""`chatforge demo`: the whole pipeline on the bundled demo corpus, each stage's numbers printed."""
+"""`chatforge demo`: the whole pipeline on the bundled demo corpus, each stage's held-out numbers printed
+and collected in runs/demo/results.json."""
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -10,14 +13,26 @@ from chatforge.config import load_config
 from chatforge.data.readers import iter_corpus
 from chatforge.data.shards import prepare
 from chatforge.errors import ChatforgeError
+from chatforge.eval.task import evaluate_task, load_prompts
 from chatforge.model.generate import Sampling, stream_text
 from chatforge.model.io import load_run_model
+from chatforge.stages.classify import run_classify
 from chatforge.stages.pretrain import run_pretrain
-from chatforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from chatforge.stages.sft import run_sft
+from chatforge.tasks.verse import build_source_labels, build_tasks
+from chatforge.tokenizer import load_tokenizer, render_chat, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
-PROMPTS = ["ROMEO:\n", "And God said, ", "床前明月光，", "To be, or not to be"]
+PROMPTS = ["ROMEO:\n", "And God said, ", "床前明月光，"]
+EVAL_PROMPTS = 200  # held-out task prompts scored for base and SFT
+
+
+def timed(results: dict, name: str, fn, *args, **kwargs):
+    t = time.perf_counter()
+    value = fn(*args, **kwargs)
+    results[f"{name}_seconds"] = round(time.perf_counter() - t, 1)
+    return value
 
 
 def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides: list[str] | None = None) -> dict:
@@ -27,30 +42,58 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     if out.exists():
         print(f"demo: starting afresh, removing the previous demo run in {out}")
         shutil.rmtree(out)
-    t0 = time.perf_counter()
+    t0, r = time.perf_counter(), {}
 
-    print("== 1/4 tokenizer: byte-level BPE on the demo corpus")
-    save_tokenizer(train_tokenizer(iter_corpus([CORPUS]), 4096), out / "tokenizer")
+    print("== 1/6 tokenizer: byte-level BPE on the demo corpus")
+    timed(r, "tokenizer", lambda: save_tokenizer(train_tokenizer(iter_corpus([CORPUS]), 4096), out / "tokenizer"))
 
-    print("== 2/4 prepare: token shards, split by document")
-    meta = prepare([str(CORPUS)], out / "tokenizer", out / "data")
+    print("== 2/6 prepare: token shards, split by document")
+    meta = timed(r, "prepare", prepare, [str(CORPUS)], out / "tokenizer", out / "data")
     print(f"   train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens; "
           f"unigram baseline {meta['val_unigram_bpb']:.3f} bits/byte")
 
-    print("== 3/4 pretrain")
+    print("== 3/6 pretrain")
     cfg = load_config(config or REPO / "configs" / "demo.toml", [f"data.dir={out / 'data'}", *(overrides or [])])
-    t = time.perf_counter()
-    result = run_pretrain(cfg, out / "pretrain")
-    pretrain_s = time.perf_counter() - t
-    print(f"   held-out: val loss {result['val_loss']:.3f} nats/token, {result['val_bpb']:.3f} bits/byte "
-          f"(unigram baseline {result['val_unigram_bpb']:.3f}) in {pretrain_s:.0f}s")
-
-    print("== 4/4 generate (temperature 0.8, top-p 0.95)")
+    pre = timed(r, "pretrain", run_pretrain, cfg, out / "pretrain")
+    r.update(val_bpb=pre["val_bpb"], val_loss=pre["val_loss"], unigram_bpb=pre["val_unigram_bpb"], params=pre["params"])
     model, tok = load_run_model(out / "pretrain"), load_tokenizer(out / "pretrain")
+    print(f"   held-out: {pre['val_loss']:.3f} nats/token, {pre['val_bpb']:.3f} bits/byte (unigram baseline "
+          f"{pre['val_unigram_bpb']:.3f}) in {r['pretrain_seconds']:.0f}s")
     for i, prompt in enumerate(PROMPTS):
-        text = "".join(stream_text(model, tok, prompt, Sampling(max_new_tokens=60, top_p=0.95, seed=i)))
-        print(f"--- {prompt!r}\n{prompt}{text}")
-    total = time.perf_counter() - t0
-    print(f"== demo done in {total:.0f}s: held-out {result['val_bpb']:.3f} bits/byte vs unigram "
-          f"{result['val_unigram_bpb']:.3f}; runs in {out}")
-    return {**result, "pretrain_seconds": pretrain_s, "total_seconds": total}
+        text = "".join(stream_text(model, tok, prompt, Sampling(max_new_tokens=50, top_p=0.95, seed=i)))
+        print(f"   --- {prompt!r}\n{prompt}{text}")
+
+    print("== 4/6 tasks: verse on request, from real corpus lines; held-out keywords")
+    tasks = out / "tasks"
+    counts = {**build_tasks(CORPUS, tasks), **build_source_labels(CORPUS, tasks)}
+    print("   " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+    print("== 5/6 sft: assistant-only loss on the instructions")
+    sft_cfg = load_config(REPO / "configs" / "demo-sft.toml")
+    sft = timed(r, "sft", run_sft, sft_cfg, out / "pretrain", tasks / "sft_train.jsonl", out / "sft",
+                tasks / "sft_val.jsonl")
+    rows = load_prompts(tasks / "prompts_heldout.jsonl")
+    rows = random.Random(0).sample(rows, min(EVAL_PROMPTS, len(rows)))
+    for name, run in (("base", out / "pretrain"), ("sft", out / "sft")):
+        e = timed(r, f"eval_{name}", evaluate_task, load_run_model(run), tok, rows)
+        r[f"{name}_success"], r[f"{name}_end_rate"] = e["success"], e["end_rate"]
+        print(f"   {name}: on {e['n']} held-out prompts, constraint success {e['success']:.1%}, "
+              f"replies ending with <|im_end|> {e['end_rate']:.1%}")
+    r["sft_val_loss"] = sft.get("val_loss")
+    chat_model = load_run_model(out / "sft")
+    for row in rows[:4]:
+        prompt = render_chat([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True)
+        reply = "".join(stream_text(chat_model, tok, prompt, Sampling(temperature=0, max_new_tokens=40)))
+        print(f"   user: {row['prompt']}\n   assistant: {reply}")
+
+    print("== 6/6 classify: which source is this line from?")
+    cls = timed(r, "classify", run_classify, load_config(REPO / "configs" / "demo-classify.toml"), out / "pretrain",
+                tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out / "classify")
+    r.update(classify_accuracy=cls["val_accuracy"], classify_majority=cls["majority_baseline"])
+    print(f"   held-out accuracy {cls['val_accuracy']:.1%} (majority class {cls['majority_baseline']:.1%})")
+
+    r["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
+    print(f"== demo done in {r['total_seconds']:.0f}s; numbers in {out}/results.json. Chat with it:\n"
+          f"   .venv/bin/chatforge chat --run {out}/sft")
+    return r

@@ -3,9 +3,12 @@ token budget, and does the constraint checker accept it?"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer
 
+from chatforge.data.readers import read_jsonl
 from chatforge.model.generate import Sampling, generate_ids
 from chatforge.model.transformer import Transformer
 from chatforge.tasks.verse import check
@@ -40,3 +43,8 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
             samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
     n = max(1, len(rows))
     return {"success": successes / n, "end_rate": ended / n, "n": len(rows), "samples": samples}
+
+
+def load_prompts(path: str) -> list[dict]:
+    """Task rows ({"prompt", "keyword", "kind", "length", ...}) from a .jsonl file."""
+    return [row for _, row in read_jsonl(Path(path))]

@@ -125,3 +125,31 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     write("prompts_heldout.jsonl", unique_prompts(val))
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(unique_prompts(train)),
             "prompts_heldout": len(unique_prompts(val))}
+
+
+def build_source_labels(corpus: str | Path, out: str | Path, per_class: int = 1500, val_fraction: float = 0.2,
+                        seed: int = 0) -> dict[str, int]:
+    """Which source is this line from? {"text", "label"} rows for the classification stage: a
+    Shakespeare line, a KJV verse, or a line of a Chinese poem, balanced, split by hash of the text."""
+    pools: dict[str, set[str]] = {"shakespeare": set(), "kjv": set(), "poem": set()}
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["source"] == "shakespeare":
+                pools["shakespeare"].update(english_lines(doc["text"]))
+            elif doc["source"] == "kjv":
+                pools["kjv"].update(v for v in doc["text"].splitlines() if 5 <= len(v.split()) <= 30)
+            else:
+                pools["poem"].update(chinese_lines(doc["text"]))
+    rng = random.Random(seed)
+    rows = []
+    for label, pool in pools.items():
+        rows += [{"text": t, "label": label} for t in rng.sample(sorted(pool), min(per_class, len(pool)))]
+    rng.shuffle(rows)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"classify_train.jsonl": [r for r in rows if not _held_out(r["text"], val_fraction)],
+              "classify_val.jsonl": [r for r in rows if _held_out(r["text"], val_fraction)]}
+    for name, items in splits.items():
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items), encoding="utf-8")
+    return {name: len(items) for name, items in splits.items()}

@@ -1,0 +1,112 @@
+"""SFT, LoRA, classification and the chat REPL on the session's small pre-trained model."""
+
+import io
+import json
+
+import pytest
+import torch
+
+from chatforge.chat import chat_loop
+from chatforge.config import load_config
+from chatforge.eval.task import evaluate_task, load_prompts
+from chatforge.model.generate import Sampling
+from chatforge.model.io import load_run_model
+from chatforge.model.lora import LoRAConfig, apply_lora, merge_lora
+from chatforge.stages.classify import predict, run_classify
+from chatforge.stages.sft import run_sft
+from chatforge.tasks.verse import build_source_labels, build_tasks, check
+from chatforge.tokenizer import load_tokenizer
+from conftest import DEMO_CORPUS, REPO
+
+
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    build_tasks(DEMO_CORPUS, out)
+    build_source_labels(DEMO_CORPUS, out, per_class=400)
+    return out
+
+
+def sft_config(*overrides: str):
+    return load_config(REPO / "configs" / "demo-sft.toml", ["train.steps=120", "train.eval_every=60",
+                       "train.eval_batches=2", "train.checkpoint_every=1000", *overrides])
+
+
+@pytest.fixture(scope="session")
+def sft_run(pretrained, tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    result = run_sft(sft_config(), pretrained[0], tasks / "sft_train.jsonl", out, tasks / "sft_val.jsonl")
+    return out, result
+
+
+def test_task_rows_are_real_answers_and_keywords_held_out(tasks):
+    train = [json.loads(line) for line in (tasks / "sft_train.jsonl").open()]
+    held = load_prompts(tasks / "prompts_heldout.jsonl")
+    assert all(check(r, r["completion"]) for r in train)
+    assert not {r["keyword"] for r in train} & {r["keyword"] for r in held}
+    assert {r["kind"] for r in held} == {"en", "zh"}
+    row = {"kind": "zh", "keyword": "月", "length": 5}
+    assert check(row, "月落乌啼霜") and not check(row, "落月乌啼霜") and not check(row, "月落乌啼霜满天")
+
+
+def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks):
+    rows = load_prompts(tasks / "prompts_heldout.jsonl")[:40]
+    tok = load_tokenizer(sft_run[0])
+    base = evaluate_task(load_run_model(pretrained[0]), tok, rows, max_new_tokens=32)
+    sft = evaluate_task(load_run_model(sft_run[0]), tok, rows, max_new_tokens=32)
+    assert sft["end_rate"] >= 0.95 and base["end_rate"] <= 0.5
+    assert sft["success"] >= base["success"]
+    assert sft_run[1]["val_loss"] < 6.0  # on held-out keywords' answers
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(pretrained, tasks, tmp_path):
+    base = load_run_model(pretrained[0])
+    out = tmp_path / "lora"
+    cfg = sft_config("train.steps=30", "lora.r=4", "lora.targets=q,k,v,o,up,down,gate", "train.eval_every=1000")
+    result = run_sft(cfg, pretrained[0], tasks / "sft_train.jsonl", out)
+    assert {p.name for p in out.iterdir()} >= {"adapter.safetensors", "adapter.json"}
+    assert not (out / "model.safetensors").exists()
+    assert (out / "adapter.safetensors").stat().st_size < (pretrained[0] / "model.safetensors").stat().st_size / 4
+    assert result["trainable_params"] < base.num_params() / 10
+    adapted = load_run_model(out)
+    frozen = {k: v for k, v in adapted.state_dict().items() if "lora_" not in k}
+    for name, tensor in base.state_dict().items():  # the base weights did not move, bit for bit
+        key = name if name in frozen else name.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(frozen[key], tensor), name
+    ids = torch.randint(0, base.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        lora_logits = adapted(ids)
+        assert not torch.allclose(lora_logits, base(ids), atol=1e-4)  # training moved the adapters
+        merged = merge_lora(adapted)(ids)
+    assert torch.allclose(merged, lora_logits, atol=1e-5)
+
+
+def test_lora_at_init_is_exactly_the_base_model(pretrained):
+    base = load_run_model(pretrained[0])
+    adapted = load_run_model(pretrained[0])
+    apply_lora(adapted, LoRAConfig(r=8, targets="q,k,v,o,up,down,gate"))
+    ids = torch.randint(0, base.cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(adapted(ids), base(ids))
+
+
+def test_classifier_beats_the_majority_class_on_held_out_lines(pretrained, tasks, tmp_path):
+    cfg = load_config(REPO / "configs" / "demo-classify.toml", ["train.steps=60", "train.eval_every=1000"])
+    out = tmp_path / "cls"
+    result = run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
+    assert result["val_accuracy"] > result["majority_baseline"] + 0.3
+    assert sum(map(sum, result["confusion"])) == len((tasks / "classify_val.jsonl").read_text().splitlines())
+    (label, p), = predict(out, ["床前明月光"])
+    assert label == "poem" and 0 < p <= 1
+
+
+def test_chat_repl_commands_and_multi_turn(sft_run):
+    model, tok = load_run_model(sft_run[0]), load_tokenizer(sft_run[0])
+    inputs = iter(["Write a line that begins with the word \"Love\".", "/system Be brief.", "写一句诗", "/bogus",
+                   "/reset", "again", "/quit", "never read"])
+    out = io.StringIO()
+    messages = chat_loop(model, tok, Sampling(temperature=0, max_new_tokens=24), read=lambda _: next(inputs), out=out)
+    text = out.getvalue()
+    assert text.count("assistant> ") == 3 and "(conversation reset)" in text and "unknown command /bogus" in text
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[1]["content"] == "again"
+    assert next(inputs) == "never read"
