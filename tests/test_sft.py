@@ -110,3 +110,33 @@ def test_chat_repl_commands_and_multi_turn(sft_run):
     assert text.count("assistant> ") == 3 and "(conversation reset)" in text and "unknown command /bogus" in text
     assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[1]["content"] == "again"
     assert next(inputs) == "never read"
+
+
+def test_sft_killed_and_resumed_logs_identical_losses(pretrained, tasks, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["sft", "--init", str(pretrained[0]), "--data", str(tasks / "sft_train.jsonl"),
+            "--config", str(REPO / "configs" / "demo-sft.toml"), "train.steps=16", "train.checkpoint_every=8",
+            "train.log_every=1", "train.eval_every=1000", "train.precision=fp32", "train.batch_size=64"]
+
+    def losses(run):
+        return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert subprocess.run([sys.executable, "-m", "chatforge", *args, "--out", str(straight)], cwd=REPO,
+                          capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *args, "--out", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / "checkpoints" / "step_8").is_dir() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "step_16").exists(), "the run finished before it could be killed"
+    done = subprocess.run([sys.executable, "-m", "chatforge", *args, "--out", str(killed), "--resume"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    a, b = losses(straight), losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 17)) and all(abs(a[s] - b[s]) <= 1e-6 for s in a)

@@ -21,6 +21,7 @@ from chatforge.data.chat import ExampleSampler, pad_id
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, load_weights, read_model_config
+from chatforge.model.lora import apply_lora
 from chatforge.model.transformer import Transformer
 from chatforge.tokenizer import encode, load_tokenizer
 from chatforge.train.device import pick_device
@@ -100,6 +101,8 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     cfg.model = body.cfg
     model = Classifier(body, len(labels))
     freeze(model, cfg.train.freeze, cfg.train.n_train_layers)
+    if cfg.lora.r > 0:  # adapters on the body instead of unfreezing it; the head always trains
+        apply_lora(body, cfg.lora)
     device = pick_device(cfg.train.device)
     context = body.cfg.context
     targets = torch.tensor([labels.index(y) for y in ys])
