@@ -47,12 +47,13 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
     """FLOP/s of a square matmul, the best this device does: the denominator of MFU."""
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG stream is untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    for _ in range(3):
+    warm_until = time.perf_counter() + seconds / 4  # kernels, caches and clocks settle first
+    while time.perf_counter() < warm_until:
         a @ b
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
