@@ -43,3 +43,29 @@ def test_sampler_restores_its_exact_position():
 
 def test_unigram_entropy():
     assert abs(unigram_entropy(np.array([5, 5, 0, 5, 5])) - np.log(4)) < 1e-12
+
+
+def test_reads_txt_gz_and_parquet_documents(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("First paragraph,\nstill first.\n\n\nSecond 第二段。\n")
+    pq.write_table(pa.table({"text": ["床前明月光", "", "Let there be light"]}), tmp_path / "b.parquet")
+    assert list(iter_corpus([tmp_path])) == ["First paragraph,\nstill first.", "Second 第二段。", "床前明月光",
+                                             "Let there be light"]
+
+
+def test_large_vocabularies_use_uint32_shards(tmp_path):
+    from chatforge.tokenizer import save_tokenizer, train_tokenizer
+
+    words = [f"w{i}x{i * 7}" for i in range(40_000)]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(" ".join(words[i : i + 50]) for i in range(0, len(words), 50)))
+    save_tokenizer(train_tokenizer(iter_corpus([corpus]), 70_000), tmp_path / "tok")
+    meta = prepare([str(corpus)], tmp_path / "tok", tmp_path / "data", val_fraction=0.2)
+    assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
+    train = open_tokens(tmp_path / "data", "train")
+    assert train.dtype == np.uint32 and int(train.max()) >= 65_536  # ids above uint16 survive

@@ -66,3 +66,21 @@ def test_resume_without_checkpoint(capsys, data_dir, tmp_path):
     code, err = run_cli(capsys, "pretrain", "--out", str(tmp_path / "r"), "--resume", f"data.dir={data_dir}",
                         "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.n_kv_head=0")
     assert code == 2 and "no checkpoint to resume from" in err
+
+
+def test_generate_streams_from_the_cli(capsys, pretrained):
+    main(["generate", "--run", str(pretrained[0]), "--prompt", "And God said", "--max-new-tokens", "12",
+          "--temperature", "0", "--stop", "NEVER-APPEARS"])
+    out = capsys.readouterr().out
+    assert out.startswith("And God said") and len(out) > len("And God said") + 5
+
+
+def test_classify_label_outside_the_training_labels(capsys, pretrained, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n')
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "a", "label": "x"}\n{"text": "c", "label": "z"}\n')
+    code, err = run_cli(capsys, "classify", "--init", str(pretrained[0]), "--data", str(train), "--val", str(val),
+                        "--out", str(tmp_path / "cls"))
+    assert code == 2 and "val.jsonl:2: label 'z' is not one of the training labels" in err
+    assert not (tmp_path / "cls").exists()
