@@ -157,6 +157,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
 
 
+def add_run_flags(p: argparse.ArgumentParser, example_config: str, default_out: str) -> None:
+    """The flags every training stage shares: config, run folder, resume, dotted overrides."""
+    p.add_argument("--config", help=f"TOML config (e.g. {example_config})")
+    p.add_argument("--out", default=default_out, help=f"run folder (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 train.lr=1e-3 lora.r=8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
@@ -176,11 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train a model on prepared shards",
                        description="Pre-train. Overrides look like train.lr=1e-3 model.n_layer=4.")
-    p.add_argument("--config", help="TOML config (see configs/)")
-    p.add_argument("--out", default="runs/default/pretrain", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    add_run_flags(p, "configs/demo.toml", "runs/default/pretrain")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens only)",
@@ -190,11 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training conversations, .jsonl")
     p.add_argument("--val", help="held-out conversations, .jsonl (val loss on assistant tokens)")
     p.add_argument("--prompts", help="held-out task prompts, .jsonl: score base and SFT models after training")
-    p.add_argument("--config", help="TOML config (see configs/demo-sft.toml)")
-    p.add_argument("--out", default="runs/default/sft", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--resume-from", metavar="STEP|DIR", help="continue from a given step number or checkpoint folder")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 lora.r=8")
+    add_run_flags(p, "configs/demo-sft.toml", "runs/default/sft")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("classify", help="train a classification head (or --predict with a trained one)",
