@@ -47,8 +47,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 1.0) -> float:
-    """FLOP/s of a square matmul, the best this device does: the denominator of MFU."""
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 512, seconds: float = 1.0) -> float:
+    """FLOP/s of a square n×n matmul, the best this device does: the denominator of MFU. On a 2-core
+    CPU 512 is the fastest size (its matrices stay in cache), see BENCHMARKS.md."""
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: training's RNG stream is untouched
     a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
