@@ -70,3 +70,14 @@ def pretrained(data_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "pretrain"
     result = run_pretrain(tiny_config(data_dir), out)
     return out, result
+
+
+@pytest.fixture(scope="session")
+def tasks(tmp_path_factory) -> Path:
+    """The demo task's files (instructions, preference pairs, held-out prompts, source labels)."""
+    from chatforge.tasks.verse import build_source_labels, build_tasks
+
+    out = tmp_path_factory.mktemp("tasks")
+    build_tasks(DEMO_CORPUS, out)
+    build_source_labels(DEMO_CORPUS, out, per_class=400)
+    return out

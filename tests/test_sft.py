@@ -14,17 +14,9 @@ from chatforge.model.io import load_run_model
 from chatforge.model.lora import LoRAConfig, apply_lora, merge_lora
 from chatforge.stages.classify import predict, run_classify
 from chatforge.stages.sft import run_sft
-from chatforge.tasks.verse import build_source_labels, build_tasks, check
+from chatforge.tasks.verse import check
 from chatforge.tokenizer import load_tokenizer
-from conftest import DEMO_CORPUS, REPO
-
-
-@pytest.fixture(scope="session")
-def tasks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tasks")
-    build_tasks(DEMO_CORPUS, out)
-    build_source_labels(DEMO_CORPUS, out, per_class=400)
-    return out
+from conftest import REPO
 
 
 def sft_config(*overrides: str):

@@ -117,6 +117,35 @@ def cmd_classify(args: argparse.Namespace) -> None:
         print("\t".join([label, *map(str, row)]))
 
 
+def cmd_rm(args: argparse.Namespace) -> None:
+    if args.score:
+        import torch
+
+        from chatforge.data.chat import pad_id, tokenize_conversation
+        from chatforge.data.readers import read_jsonl
+        from chatforge.stages.reward import as_messages, load_reward_model, pad
+        from chatforge.tokenizer import load_tokenizer
+
+        if not args.run:
+            raise ChatforgeError("--score needs --run, the folder of a trained reward model")
+        model, tok = load_reward_model(args.run), load_tokenizer(args.run)
+        for lineno, row in read_jsonl(Path(args.score)):
+            if "prompt" not in row or "response" not in row:
+                raise ChatforgeError(f"{args.score}:{lineno}: a row needs \"prompt\" and \"response\"")
+            ids, _ = tokenize_conversation(tok, as_messages(row["prompt"], row["response"], f"{args.score}:{lineno}"))
+            with torch.no_grad():
+                reward = model(*pad([ids[-model.body.cfg.context :]], pad_id(tok), "cpu")).item()
+            print(f"{reward:.4f}\t{row['response']}")
+        return
+    if not (args.init and args.data and args.val):
+        raise ChatforgeError("training a reward model needs --init RUN, --data prefs.jsonl and --val prefs.jsonl")
+    from chatforge.config import load_config
+    from chatforge.stages.reward import run_reward
+
+    result = run_reward(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out, args.margin)
+    print(f"rm: held-out pairwise accuracy {result['val_accuracy']:.1%} on {result['val_pairs']} pairs -> {args.out}")
+
+
 def cmd_tasks(args: argparse.Namespace) -> None:
     from chatforge.tasks.verse import build_source_labels, build_tasks
 
@@ -209,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", nargs="+", metavar="TEXT", help="classify these texts with --run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.freeze=head")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("rm", help="train a reward model on preference pairs (or --score responses)",
+                       description="Rows {\"prompt\", \"chosen\", \"rejected\"}: strings or message lists. "
+                       "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).")
+    p.add_argument("--init", help="run folder to start from (the SFT model, as in InstructGPT)")
+    p.add_argument("--data", help="training preference pairs, .jsonl")
+    p.add_argument("--val", help="held-out preference pairs, .jsonl (pairwise accuracy)")
+    p.add_argument("--margin", type=float, default=0.0, help="margin in the Bradley-Terry loss (default 0)")
+    p.add_argument("--config", help="TOML config (e.g. configs/demo-rm.toml)")
+    p.add_argument("--out", default="runs/default/rm", help="run folder")
+    p.add_argument("--run", help="with --score: the reward model's run folder")
+    p.add_argument("--score", metavar="FILE", help="score {\"prompt\", \"response\"} rows with --run")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("tasks", help="build the demo task data (instructions, held-out prompts, labels)")
     p.add_argument("--corpus", default="data/demo/corpus.jsonl.gz")

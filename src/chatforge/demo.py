@@ -18,6 +18,7 @@ from chatforge.model.generate import Sampling, stream_text
 from chatforge.model.io import load_run_model
 from chatforge.stages.classify import run_classify
 from chatforge.stages.pretrain import run_pretrain
+from chatforge.stages.reward import run_reward
 from chatforge.stages.sft import run_sft
 from chatforge.tasks.verse import build_source_labels, build_tasks
 from chatforge.tokenizer import load_tokenizer, render_chat, save_tokenizer, train_tokenizer
@@ -44,15 +45,15 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         shutil.rmtree(out)
     t0, r = time.perf_counter(), {}
 
-    print("== 1/6 tokenizer: byte-level BPE on the demo corpus")
+    print("== 1/7 tokenizer: byte-level BPE on the demo corpus")
     timed(r, "tokenizer", lambda: save_tokenizer(train_tokenizer(iter_corpus([CORPUS]), 4096), out / "tokenizer"))
 
-    print("== 2/6 prepare: token shards, split by document")
+    print("== 2/7 prepare: token shards, split by document")
     meta = timed(r, "prepare", prepare, [str(CORPUS)], out / "tokenizer", out / "data")
     print(f"   train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens; "
           f"unigram baseline {meta['val_unigram_bpb']:.3f} bits/byte")
 
-    print("== 3/6 pretrain")
+    print("== 3/7 pretrain")
     cfg = load_config(config or REPO / "configs" / "demo.toml", [f"data.dir={out / 'data'}", *(overrides or [])])
     pre = timed(r, "pretrain", run_pretrain, cfg, out / "pretrain")
     r.update(val_bpb=pre["val_bpb"], val_loss=pre["val_loss"], unigram_bpb=pre["val_unigram_bpb"], params=pre["params"])
@@ -63,12 +64,12 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         text = "".join(stream_text(model, tok, prompt, Sampling(max_new_tokens=50, top_p=0.95, seed=i)))
         print(f"   --- {prompt!r}\n{prompt}{text}")
 
-    print("== 4/6 tasks: verse on request, from real corpus lines; held-out keywords")
+    print("== 4/7 tasks: verse on request, from real corpus lines; held-out keywords")
     tasks = out / "tasks"
     counts = {**build_tasks(CORPUS, tasks), **build_source_labels(CORPUS, tasks)}
     print("   " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
-    print("== 5/6 sft: assistant-only loss on the instructions")
+    print("== 5/7 sft: assistant-only loss on the instructions")
     sft_cfg = load_config(REPO / "configs" / "demo-sft.toml")
     sft = timed(r, "sft", run_sft, sft_cfg, out / "pretrain", tasks / "sft_train.jsonl", out / "sft",
                 tasks / "sft_val.jsonl")
@@ -86,7 +87,13 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         reply = "".join(stream_text(chat_model, tok, prompt, Sampling(temperature=0, max_new_tokens=40)))
         print(f"   user: {row['prompt']}\n   assistant: {reply}")
 
-    print("== 6/6 classify: which source is this line from?")
+    print("== 6/7 rm: a reward model from the SFT model, on preference pairs (Bradley-Terry)")
+    rm = timed(r, "rm", run_reward, load_config(REPO / "configs" / "demo-rm.toml"), out / "sft",
+               tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out / "rm")
+    r["rm_accuracy"] = rm["val_accuracy"]
+    print(f"   held-out pairwise accuracy {rm['val_accuracy']:.1%} on {rm['val_pairs']} pairs (chance 50%)")
+
+    print("== 7/7 classify: which source is this line from?")
     cls = timed(r, "classify", run_classify, load_config(REPO / "configs" / "demo-classify.toml"), out / "pretrain",
                 tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out / "classify")
     r.update(classify_accuracy=cls["val_accuracy"], classify_majority=cls["majority_baseline"])

@@ -67,7 +67,8 @@ def check(row: dict, response: str) -> bool:
 
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
                 seed: int = 0) -> dict[str, int]:
-    """Write sft_train.jsonl, sft_val.jsonl (held-out keywords) and prompts_{train,heldout}.jsonl.
+    """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and
+    heldout: the held-out keywords).
 
     Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
     real lines that would satisfy the prompt."""
@@ -101,6 +102,14 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
             for answer in rng.sample(lines, min(per_keyword, len(lines))):
                 rows.append({"prompt": ZH_PROMPT.format(kw=c, name=ZH_NAMES[n]), "completion": answer, "keyword": c,
                              "kind": "zh", "length": n, "answers": len(lines)})
+    pair_rng = random.Random(seed + 1)  # its own stream: the SFT rows stay as they were
+    for r in rows:  # a preference pair: the real answer, and a real line that breaks the prompt's constraint
+        if r["kind"] == "en":
+            r["rejected"] = pair_rng.choice([x for x in pair_rng.sample(en, 20) if not check(r, x)])
+        else:
+            other_length = by_char.get((r["keyword"], 12 - r["length"]))  # the keyword, but 7 for 5 or 5 for 7
+            pool = other_length or [x for x in pair_rng.sample(zh, 20) if len(x) == r["length"] and not check(r, x)]
+            r["rejected"] = pair_rng.choice(pool)
     train = [r for r in rows if not _held_out(r["keyword"], held_out_fraction)]
     val = [r for r in rows if _held_out(r["keyword"], held_out_fraction)]
     rng.shuffle(train)
@@ -116,11 +125,16 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
         for r in items:
             if r["prompt"] not in seen:
                 seen.add(r["prompt"])
-                result.append({k: v for k, v in r.items() if k != "completion"})
+                result.append({k: v for k, v in r.items() if k not in ("completion", "rejected")})
         return result
 
-    write("sft_train.jsonl", train)
-    write("sft_val.jsonl", val)
+    def prefs(items: list[dict]) -> list[dict]:
+        return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["rejected"]} for r in items]
+
+    write("sft_train.jsonl", [{k: v for k, v in r.items() if k != "rejected"} for r in train])
+    write("sft_val.jsonl", [{k: v for k, v in r.items() if k != "rejected"} for r in val])
+    write("prefs_train.jsonl", prefs(train))
+    write("prefs_val.jsonl", prefs(val))
     write("prompts_train.jsonl", unique_prompts(train))
     write("prompts_heldout.jsonl", unique_prompts(val))
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(unique_prompts(train)),

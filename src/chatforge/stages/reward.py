@@ -1,0 +1,133 @@
+"""Reward model (InstructGPT step 2): a scalar head on the last token of prompt + response, trained on
+preference pairs with the Bradley-Terry loss (Ouyang et al., 2022, eq. 1):
+
+    L(θ) = −log σ(r_θ(x, y_chosen) − r_θ(x, y_rejected) − margin)
+
+so the reward difference is the log-odds that a person prefers the chosen response.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model
+
+from chatforge.config import Config, config_to_dict
+from chatforge.data.chat import ExampleSampler, pad_id, tokenize_conversation
+from chatforge.data.readers import read_jsonl
+from chatforge.errors import ChatforgeError
+from chatforge.model.io import load_run_model, load_weights
+from chatforge.model.lora import LoRAConfig, apply_lora
+from chatforge.model.transformer import ModelConfig, Transformer
+from chatforge.stages.classify import Classifier
+from chatforge.tokenizer import load_tokenizer
+from chatforge.train.device import pick_device
+from chatforge.train.loop import Stage, train
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    return -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+
+def as_messages(prompt, response, where: str) -> list[dict]:
+    """A prompt (string or message list) and a response (string or assistant message list) as one chat."""
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    tail = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
+    if not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in head + tail):
+        raise ChatforgeError(f"{where}: prompt and responses must be strings or lists of {{\"role\", \"content\"}}")
+    return head + tail
+
+def load_pairs(path: str | Path, tok, context: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Token ids of (chosen, rejected) conversations; identical, empty or over-long pairs are counted skips."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChatforgeError(f"{path}: no such file")
+    pairs, skipped = [], {"identical": 0, "empty": 0, "too_long": 0}
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not all(k in row for k in ("prompt", "chosen", "rejected")):
+            raise ChatforgeError(f"{where}: a preference row needs \"prompt\", \"chosen\" and \"rejected\"")
+        if row["chosen"] == row["rejected"]:
+            skipped["identical"] += 1
+            continue
+        if not row["chosen"] or not row["rejected"]:
+            skipped["empty"] += 1
+            continue
+        ids = [tokenize_conversation(tok, as_messages(row["prompt"], row[k], where))[0] for k in ("chosen", "rejected")]
+        if max(map(len, ids)) > context:
+            skipped["too_long"] += 1
+            continue
+        pairs.append((ids[0], ids[1]))
+    if not pairs:
+        raise ChatforgeError(f"{path}: no usable preference pairs ({skipped})")
+    return pairs, skipped
+
+def pad(sequences: list[list[int]], pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.full((len(sequences), max(map(len, sequences))), pad_token, dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        x[i, : len(ids)] = torch.tensor(ids)
+    return x.to(device), torch.tensor([len(s) for s in sequences], device=device)
+
+def score_pairs(model: Classifier, pairs: list, pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected responses, one forward pass over both."""
+    x, n = pad([c for c, _ in pairs] + [r for _, r in pairs], pad_token, device)
+    rewards = model(x, n).squeeze(-1).float()
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
+               margin: float = 0.0) -> dict:
+    out = Path(out)
+    tok = load_tokenizer(init)
+    torch.manual_seed(cfg.train.seed)
+    body = load_run_model(init)
+    cfg.model = body.cfg
+    pairs, skipped = load_pairs(data, tok, body.cfg.context)
+    val_pairs, _ = load_pairs(val, tok, body.cfg.context)
+    if any(skipped.values()):
+        print(f"rm: skipped pairs in {data}: {skipped}")
+    if cfg.lora.r > 0:
+        apply_lora(body, cfg.lora)
+    model = Classifier(body, 1)
+    device = pick_device(cfg.train.device)
+    sampler = ExampleSampler(len(pairs), cfg.train.batch_size, cfg.train.seed)
+    pad_token = pad_id(tok)
+
+    def accuracy(m) -> float:
+        wins = 0
+        for i in range(0, len(val_pairs), 64):
+            chosen, rejected = score_pairs(m, val_pairs[i : i + 64], pad_token, device)
+            wins += int((chosen > rejected).sum())
+        return wins / len(val_pairs)
+
+    stage = Stage(name="rm", next_batch=lambda: [pairs[i] for i in sampler.next_indices()],
+                  loss=lambda m, batch: bradley_terry_loss(*score_pairs(m, batch, pad_token, device), margin),
+                  tokens_per_batch=cfg.train.batch_size * 64, evaluate=lambda m: {"val_accuracy": accuracy(m)},
+                  data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
+    result = train(model, stage, cfg.train, out, config_to_dict(cfg), None)
+    model.cpu()
+    save_model(model, str(out / "reward.safetensors"))
+    meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}
+    (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(init) / name).is_file():
+            shutil.copy(Path(init) / name, out / name)
+    summary = {"val_accuracy": result.get("val_accuracy"), "pairs": len(pairs), "val_pairs": len(val_pairs),
+               "skipped": skipped}
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+def load_reward_model(run: str | Path) -> Classifier:
+    run = Path(run)
+    path = run / "reward.json"
+    if not path.is_file():
+        raise ChatforgeError(f"{path}: not a reward-model run; train one with `chatforge rm`")
+    meta = json.loads(path.read_text())
+    body = Transformer(ModelConfig(**meta["model"]))
+    if meta.get("lora"):
+        apply_lora(body, LoRAConfig(**meta["lora"]))
+    model = Classifier(body, 1)
+    load_weights(model, run / "reward.safetensors")
+    return model.eval()
