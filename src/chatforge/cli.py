@@ -146,6 +146,15 @@ def cmd_rm(args: argparse.Namespace) -> None:
     print(f"rm: held-out pairwise accuracy {result['val_accuracy']:.1%} on {result['val_pairs']} pairs -> {args.out}")
 
 
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from chatforge.config import load_config
+    from chatforge.stages.dpo import run_dpo
+
+    result = run_dpo(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out)
+    print(f"dpo: held-out implicit-reward accuracy {result['val_reward_accuracy']:.1%}, "
+          f"margin {result['val_reward_margin']:.3f} -> {args.out}")
+
+
 def cmd_tasks(args: argparse.Namespace) -> None:
     from chatforge.tasks.verse import build_source_labels, build_tasks
 
@@ -252,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", metavar="FILE", help="score {\"prompt\", \"response\"} rows with --run")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation against the frozen starting model",
+                       description="Rows {\"prompt\", \"chosen\", \"rejected\"}. dpo.beta=0.1, "
+                       "dpo.loss=sigmoid|ipo|cdpo, dpo.label_smoothing (cdpo).")
+    p.add_argument("--init", required=True, help="run folder of the policy to start from (the SFT model)")
+    p.add_argument("--data", required=True, help="training preference pairs, .jsonl")
+    p.add_argument("--val", required=True, help="held-out preference pairs, .jsonl")
+    p.add_argument("--config", help="TOML config")
+    p.add_argument("--out", default="runs/default/dpo", help="run folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 dpo.loss=ipo")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("tasks", help="build the demo task data (instructions, held-out prompts, labels)")
     p.add_argument("--corpus", default="data/demo/corpus.jsonl.gz")

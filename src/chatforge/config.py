@@ -48,11 +48,19 @@ class TrainConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the pull towards the reference model
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | cdpo (label-smoothed, "conservative" DPO)
+    label_smoothing: float = 0.0  # cdpo: the assumed share of flipped preference labels
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # Keys that may differ between a run and its resumption without changing what is computed.

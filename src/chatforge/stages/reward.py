@@ -40,8 +40,9 @@ def as_messages(prompt, response, where: str) -> list[dict]:
         raise ChatforgeError(f"{where}: prompt and responses must be strings or lists of {{\"role\", \"content\"}}")
     return head + tail
 
-def load_pairs(path: str | Path, tok, context: int) -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """Token ids of (chosen, rejected) conversations; identical, empty or over-long pairs are counted skips."""
+def load_pairs(path: str | Path, tok, context: int, with_mask: bool = False) -> tuple[list[tuple], dict]:
+    """Token ids of (chosen, rejected) conversations (with their assistant masks if `with_mask`);
+    identical, empty or over-long pairs are counted skips."""
     path = Path(path)
     if not path.is_file():
         raise ChatforgeError(f"{path}: no such file")
@@ -56,11 +57,11 @@ def load_pairs(path: str | Path, tok, context: int) -> tuple[list[tuple[list[int
         if not row["chosen"] or not row["rejected"]:
             skipped["empty"] += 1
             continue
-        ids = [tokenize_conversation(tok, as_messages(row["prompt"], row[k], where))[0] for k in ("chosen", "rejected")]
-        if max(map(len, ids)) > context:
+        both = [tokenize_conversation(tok, as_messages(row["prompt"], row[k], where)) for k in ("chosen", "rejected")]
+        if max(len(ids) for ids, _ in both) > context:
             skipped["too_long"] += 1
             continue
-        pairs.append((ids[0], ids[1]))
+        pairs.append(tuple(both) if with_mask else (both[0][0], both[1][0]))
     if not pairs:
         raise ChatforgeError(f"{path}: no usable preference pairs ({skipped})")
     return pairs, skipped

@@ -1,0 +1,117 @@
+"""Direct Preference Optimisation (Rafailov et al., 2023): fit the preferences directly, with the
+frozen SFT model as the reference, no reward model and no sampling. With
+h = β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))]:
+
+    sigmoid (DPO, eq. 7):                 L = −log σ(h)
+    cdpo (label smoothing ε):             L = −(1−ε) log σ(h) − ε log σ(−h)
+    ipo (Azar et al., 2023, eq. 17):      L = (h/β − 1/(2β))²
+
+The implicit reward of a response is r = β(log π(y|x) − log π_ref(y|x)) (DPO §5).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatforge.config import Config, config_to_dict
+from chatforge.data.chat import ExampleSampler, collate, pad_id
+from chatforge.errors import ChatforgeError
+from chatforge.model.io import load_run_model, save_model_files
+from chatforge.model.lora import apply_lora, save_adapter
+from chatforge.stages.reward import load_pairs
+from chatforge.tokenizer import load_tokenizer
+from chatforge.train.device import pick_device
+from chatforge.train.loop import Stage, train
+
+LOSSES = ("sigmoid", "ipo", "cdpo")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mean loss over pairs, and the implicit rewards of the chosen and rejected responses."""
+    chosen_reward = beta * (policy_chosen - ref_chosen)
+    rejected_reward = beta * (policy_rejected - ref_rejected)
+    h = chosen_reward - rejected_reward
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(h)
+    elif kind == "cdpo":
+        loss = -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+    elif kind == "ipo":
+        loss = (h / beta - 1 / (2 * beta)) ** 2
+    else:
+        raise ChatforgeError(f"dpo.loss must be one of {', '.join(LOSSES)}, got '{kind}'")
+    return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
+
+
+def sequence_logprobs(model: torch.nn.Module, examples: list, pad_token: int, device) -> torch.Tensor:
+    """Σ log π(token) over each conversation's assistant tokens: log π(y|x) of the response."""
+    x, y = collate(examples, pad_token)
+    x, y = x.to(device), y.to(device)
+    logp = F.log_softmax(model(x).float(), dim=-1)
+    mask = y != -100
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path) -> dict:
+    out = Path(out)
+    tok = load_tokenizer(init)
+    torch.manual_seed(cfg.train.seed)
+    model = load_run_model(init)
+    cfg.model = model.cfg
+    pairs, skipped = load_pairs(data, tok, model.cfg.context, with_mask=True)
+    val_pairs, _ = load_pairs(val, tok, model.cfg.context, with_mask=True)
+    device = pick_device(cfg.train.device)
+    pad_token = pad_id(tok)
+    model.to(device).eval()
+
+    @torch.no_grad()
+    def logprobs(m, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        out_c, out_r = [], []
+        for i in range(0, len(items), 64):
+            chunk = items[i : i + 64]
+            out_c.append(sequence_logprobs(m, [c for c, _ in chunk], pad_token, device))
+            out_r.append(sequence_logprobs(m, [r for _, r in chunk], pad_token, device))
+        return torch.cat(out_c), torch.cat(out_r)
+
+    # The reference is the starting model, frozen: its log-probs are computed once and cached.
+    ref_c, ref_r = logprobs(model, pairs)
+    val_ref_c, val_ref_r = logprobs(model, val_pairs)
+    if cfg.lora.r > 0:
+        apply_lora(model, cfg.lora)
+    sampler = ExampleSampler(len(pairs), cfg.train.batch_size, cfg.train.seed)
+    d = cfg.dpo
+
+    def loss(m, idx: list[int]) -> torch.Tensor:
+        batch = [pairs[i] for i in idx]
+        both = sequence_logprobs(m, [c for c, _ in batch] + [r for _, r in batch], pad_token, device)
+        value, _, _ = dpo_loss(both[: len(idx)], both[len(idx) :], ref_c[idx], ref_r[idx], d.beta, d.loss,
+                               d.label_smoothing)
+        return value
+
+    def evaluate(m) -> dict:
+        pc, pr = logprobs(m, val_pairs)
+        value, rc, rr = dpo_loss(pc, pr, val_ref_c, val_ref_r, d.beta, d.loss, d.label_smoothing)
+        return {"val_loss": value.item(), "val_reward_accuracy": (rc > rr).float().mean().item(),
+                "val_reward_margin": (rc - rr).mean().item()}
+
+    stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss, tokens_per_batch=cfg.train.batch_size * 80,
+                  evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
+    result = train(model, stage, cfg.train, out, config_to_dict(cfg), None)
+    model.cpu()
+    if cfg.lora.r > 0:
+        save_adapter(model, cfg.lora, out, str(Path(init).resolve()))
+    else:
+        save_model_files(model, out, {"stage": "dpo"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(init) / name).is_file():
+            shutil.copy(Path(init) / name, out / name)
+    summary = {**result, "pairs": len(pairs), "skipped": skipped}
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
