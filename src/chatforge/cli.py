@@ -163,10 +163,10 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import shutil
 
     from chatforge.model.io import load_run_model, save_model_files
     from chatforge.model.lora import merge_lora
+    from chatforge.tokenizer import copy_tokenizer
 
     if not args.merge:
         raise ChatforgeError("export needs --merge (fold LoRA adapters into the base weights)")
@@ -174,9 +174,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ChatforgeError(f"{args.run}: no adapter.json here, so nothing to merge; it is already a full model")
     model = merge_lora(load_run_model(args.run))
     save_model_files(model, args.out, {"stage": "merged", "from": str(args.run)})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(args.run) / name).is_file():
-            shutil.copy(Path(args.run) / name, Path(args.out) / name)
+    copy_tokenizer(Path(args.run), args.out)
     print(f"export: merged LoRA adapters of {args.run} into {args.out}/model.safetensors")
 
 

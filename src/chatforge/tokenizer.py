@@ -8,6 +8,7 @@ text is ever unknown and decode(encode(s)) == s exactly. Saved as `tokenizer.jso
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def save_tokenizer(tok: Tokenizer, out: str | Path) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """Give a run folder the tokenizer files of the run (or data folder) it came from."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (Path(src) / name).is_file():
+            shutil.copy(Path(src) / name, Path(dst) / name)
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:

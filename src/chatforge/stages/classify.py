@@ -8,7 +8,6 @@ the whole text there), trained with cross-entropy: L = −log softmax(W h_last)[
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, load_weights, read_model_config
 from chatforge.model.lora import apply_lora
 from chatforge.model.transformer import Transformer
-from chatforge.tokenizer import encode, load_tokenizer
+from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.loop import Stage, train
 
@@ -129,7 +128,7 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     save_model(model, str(out / "classifier.safetensors"))
     meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve())}
     (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.copy(Path(init) / "tokenizer.json", out / "tokenizer.json")
+    copy_tokenizer(init, out)
     summary = {"val_accuracy": accuracy, "majority_baseline": majority, "labels": labels, "confusion": matrix}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

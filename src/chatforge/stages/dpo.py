@@ -12,7 +12,6 @@ The implicit reward of a response is r = β(log π(y|x) − log π_ref(y|x)) (DP
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,9 +20,10 @@ import torch.nn.functional as F
 from chatforge.config import Config, config_to_dict
 from chatforge.data.chat import ExampleSampler, collate, pad_id
 from chatforge.errors import ChatforgeError
-from chatforge.model.io import load_run_model, save_model_files
-from chatforge.model.lora import apply_lora, save_adapter
+from chatforge.model.io import load_run_model
+from chatforge.model.lora import apply_lora
 from chatforge.stages.reward import load_pairs
+from chatforge.stages.sft import save_trained
 from chatforge.tokenizer import load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.loop import Stage, train
@@ -104,14 +104,7 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
     stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss, tokens_per_batch=cfg.train.batch_size * 80,
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), None)
-    model.cpu()
-    if cfg.lora.r > 0:
-        save_adapter(model, cfg.lora, out, str(Path(init).resolve()))
-    else:
-        save_model_files(model, out, {"stage": "dpo"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(init) / name).is_file():
-            shutil.copy(Path(init) / name, out / name)
+    save_trained(model, cfg, init, out, "dpo")
     summary = {**result, "pairs": len(pairs), "skipped": skipped}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ from chatforge.data.shards import WindowSampler, eval_windows, load_meta, open_t
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import save_model_files
 from chatforge.model.transformer import Transformer
+from chatforge.tokenizer import copy_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.loop import Stage, train
 
@@ -72,9 +72,7 @@ def run_pretrain(cfg: Config, out: str | Path, resume: str | None = None) -> dic
     )
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
     save_model_files(model.cpu(), out, {"stage": "pretrain"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (data_dir / name).is_file():
-            shutil.copy(data_dir / name, out / name)
+    copy_tokenizer(data_dir, out)
     summary = {**result, "params": model.num_params(), "val_unigram_bpb": meta["val_unigram_bpb"],
                "val_unigram_entropy": meta["val_unigram_entropy"]}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

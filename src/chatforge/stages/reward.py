@@ -9,7 +9,6 @@ so the reward difference is the log-odds that a person prefers the chosen respon
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from chatforge.model.io import load_run_model, load_weights
 from chatforge.model.lora import LoRAConfig, apply_lora
 from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.stages.classify import Classifier
-from chatforge.tokenizer import load_tokenizer
+from chatforge.tokenizer import copy_tokenizer, load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.loop import Stage, train
 
@@ -112,9 +111,7 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
     save_model(model, str(out / "reward.safetensors"))
     meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}
     (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(init) / name).is_file():
-            shutil.copy(Path(init) / name, out / name)
+    copy_tokenizer(init, out)
     summary = {"val_accuracy": result.get("val_accuracy"), "pairs": len(pairs), "val_pairs": len(val_pairs),
                "skipped": skipped}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

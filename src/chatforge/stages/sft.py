@@ -8,7 +8,6 @@ The same stage code does full fine-tuning or LoRA (`lora.r > 0`): only which wei
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, save_model_files
 from chatforge.model.lora import apply_lora, save_adapter
 from chatforge.stages.pretrain import language_model_loss
-from chatforge.tokenizer import load_tokenizer
+from chatforge.tokenizer import copy_tokenizer, load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.loop import Stage, train
 
@@ -31,6 +30,17 @@ def prepare_examples(tok, path: str | Path, context: int, what: str) -> list:
     if not examples:
         raise ChatforgeError(f"{path}: every conversation is longer than the context ({context} tokens)")
     return examples
+
+
+def save_trained(model: torch.nn.Module, cfg: Config, init: str | Path, out: Path, stage: str) -> None:
+    """A fine-tuned policy's run folder: only the adapter (naming its base run) under LoRA, else the
+    whole model; and the tokenizer. Shared by every stage that fine-tunes the language model."""
+    model.cpu()
+    if cfg.lora.r > 0:
+        save_adapter(model, cfg.lora, out, str(Path(init).resolve()))
+    else:
+        save_model_files(model, out, {"stage": stage})
+    copy_tokenizer(init, out)
 
 
 def run_sft(cfg: Config, init: str | Path, data: str | Path, out: str | Path, val: str | Path | None = None,
@@ -68,14 +78,7 @@ def run_sft(cfg: Config, init: str | Path, data: str | Path, out: str | Path, va
                   evaluate=evaluate if val_examples else None,
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    model.cpu()
-    if cfg.lora.r > 0:
-        save_adapter(model, cfg.lora, out, str(Path(init).resolve()))
-    else:
-        save_model_files(model, out, {"stage": "sft"})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (Path(init) / name).is_file():
-            shutil.copy(Path(init) / name, out / name)
+    save_trained(model, cfg, init, out, "sft")
     summary = {**result, "examples": len(examples), "trainable_params": sum(
         p.numel() for p in model.parameters() if p.requires_grad)}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
