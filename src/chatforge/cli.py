@@ -121,9 +121,9 @@ def cmd_rm(args: argparse.Namespace) -> None:
     if args.score:
         import torch
 
-        from chatforge.data.chat import pad_id, tokenize_conversation
+        from chatforge.data.chat import pad_batch, pad_id, tokenize_conversation
         from chatforge.data.readers import read_jsonl
-        from chatforge.stages.reward import as_messages, load_reward_model, pad
+        from chatforge.stages.reward import as_messages, load_reward_model
         from chatforge.tokenizer import load_tokenizer
 
         if not args.run:
@@ -134,7 +134,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
                 raise ChatforgeError(f"{args.score}:{lineno}: a row needs \"prompt\" and \"response\"")
             ids, _ = tokenize_conversation(tok, as_messages(row["prompt"], row["response"], f"{args.score}:{lineno}"))
             with torch.no_grad():
-                reward = model(*pad([ids[-model.body.cfg.context :]], pad_id(tok), "cpu")).item()
+                reward = model(*pad_batch([ids[-model.body.cfg.context :]], pad_id(tok), "cpu")).item()
             print(f"{reward:.4f}\t{row['response']}")
         return
     if not (args.init and args.data and args.val):

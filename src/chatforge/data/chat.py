@@ -100,6 +100,14 @@ def collate(examples: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def pad_batch(sequences: list[list[int]], pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, longest) and each sequence's true length, for heads on the last real token."""
+    x = torch.full((len(sequences), max(map(len, sequences))), pad_token, dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        x[i, : len(ids)] = torch.tensor(ids)
+    return x.to(device), torch.tensor([len(s) for s in sequences], device=device)
+
+
 class ExampleSampler:
     """Random batches of examples; batch i comes from an RNG seeded by (seed, i), so `position` is the
     whole state to checkpoint."""

@@ -16,7 +16,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from chatforge.config import Config, config_to_dict
-from chatforge.data.chat import ExampleSampler, pad_id
+from chatforge.data.chat import ExampleSampler, pad_batch, pad_id
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, load_weights, read_model_config
@@ -71,11 +71,7 @@ def load_labelled(path: str | Path, labels: list[str] | None = None) -> tuple[li
 
 def batchify(tok, texts: list[str], context: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and true lengths; texts longer than the context keep their first tokens."""
-    ids = [encode(tok, t)[:context] or [pad_id(tok)] for t in texts]
-    x = torch.full((len(ids), max(map(len, ids))), pad_id(tok), dtype=torch.long)
-    for i, row in enumerate(ids):
-        x[i, : len(row)] = torch.tensor(row)
-    return x.to(device), torch.tensor([len(r) for r in ids], device=device)
+    return pad_batch([encode(tok, t)[:context] or [pad_id(tok)] for t in texts], pad_id(tok), device)
 
 
 def confusion(model: Classifier, tok, texts, ys, labels, context, device) -> tuple[float, list[list[int]]]:

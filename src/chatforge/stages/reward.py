@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 
 from chatforge.config import Config, config_to_dict
-from chatforge.data.chat import ExampleSampler, pad_id, tokenize_conversation
+from chatforge.data.chat import ExampleSampler, pad_batch, pad_id, tokenize_conversation
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, load_weights
@@ -65,15 +65,10 @@ def load_pairs(path: str | Path, tok, context: int, with_mask: bool = False) -> 
         raise ChatforgeError(f"{path}: no usable preference pairs ({skipped})")
     return pairs, skipped
 
-def pad(sequences: list[list[int]], pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.full((len(sequences), max(map(len, sequences))), pad_token, dtype=torch.long)
-    for i, ids in enumerate(sequences):
-        x[i, : len(ids)] = torch.tensor(ids)
-    return x.to(device), torch.tensor([len(s) for s in sequences], device=device)
 
 def score_pairs(model: Classifier, pairs: list, pad_token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and the rejected responses, one forward pass over both."""
-    x, n = pad([c for c, _ in pairs] + [r for _, r in pairs], pad_token, device)
+    x, n = pad_batch([c for c, _ in pairs] + [r for _, r in pairs], pad_token, device)
     rewards = model(x, n).squeeze(-1).float()
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
