@@ -81,3 +81,18 @@ def tasks(tmp_path_factory) -> Path:
     build_tasks(DEMO_CORPUS, out)
     build_source_labels(DEMO_CORPUS, out, per_class=400)
     return out
+
+
+def sft_config(*overrides: str):
+    return load_config(REPO / "configs" / "demo-sft.toml", ["train.steps=120", "train.eval_every=60",
+                       "train.eval_batches=2", "train.checkpoint_every=1000", *overrides])
+
+
+@pytest.fixture(scope="session")
+def sft_run(pretrained, tasks, tmp_path_factory) -> tuple[Path, dict]:
+    """The small pre-trained model after 120 steps of SFT on the demo task."""
+    from chatforge.stages.sft import run_sft
+
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    result = run_sft(sft_config(), pretrained[0], tasks / "sft_train.jsonl", out, tasks / "sft_val.jsonl")
+    return out, result

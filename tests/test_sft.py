@@ -3,7 +3,6 @@
 import io
 import json
 
-import pytest
 import torch
 
 from chatforge.chat import chat_loop
@@ -16,19 +15,7 @@ from chatforge.stages.classify import predict, run_classify
 from chatforge.stages.sft import run_sft
 from chatforge.tasks.verse import check
 from chatforge.tokenizer import load_tokenizer
-from conftest import REPO
-
-
-def sft_config(*overrides: str):
-    return load_config(REPO / "configs" / "demo-sft.toml", ["train.steps=120", "train.eval_every=60",
-                       "train.eval_batches=2", "train.checkpoint_every=1000", *overrides])
-
-
-@pytest.fixture(scope="session")
-def sft_run(pretrained, tasks, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "sft"
-    result = run_sft(sft_config(), pretrained[0], tasks / "sft_train.jsonl", out, tasks / "sft_val.jsonl")
-    return out, result
+from conftest import REPO, sft_config
 
 
 def test_task_rows_are_real_answers_and_keywords_held_out(tasks):

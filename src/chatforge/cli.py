@@ -155,6 +155,40 @@ def cmd_dpo(args: argparse.Namespace) -> None:
           f"margin {result['val_reward_margin']:.3f} -> {args.out}")
 
 
+def cmd_rl(args: argparse.Namespace) -> None:
+    """ppo and grpo: --reward is a reward-model run folder or a module:function."""
+    from chatforge.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    reward_run = None
+    if args.reward and Path(args.reward).is_dir():
+        reward_run = args.reward
+    elif args.reward:
+        if ":" not in args.reward:
+            raise ChatforgeError(f"--reward {args.reward}: neither a reward-model run folder nor a module:function")
+        cfg.rl.reward = args.reward
+    t = time.perf_counter()
+    if args.command == "ppo":
+        from chatforge.stages.ppo import run_ppo
+
+        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val)
+    else:
+        from chatforge.stages.grpo import run_grpo
+
+        result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val)
+    if args.task_prompts:
+        from chatforge.eval.task import evaluate_task, load_prompts
+        from chatforge.model.io import load_run_model
+        from chatforge.tokenizer import load_tokenizer
+
+        rows, tok = load_prompts(args.task_prompts), load_tokenizer(args.out)
+        for name, run in (("start", args.policy if args.command == "ppo" else args.init), (args.command, args.out)):
+            e = evaluate_task(load_run_model(run), tok, rows)
+            print(f"{args.command}: {name} model on {e['n']} held-out prompts: constraint success {e['success']:.1%}")
+    numbers = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float))
+    print(f"{args.command}: {numbers or 'done'}, {time.perf_counter() - t:.0f}s -> {args.out}")
+
+
 def cmd_tasks(args: argparse.Namespace) -> None:
     from chatforge.tasks.verse import build_source_labels, build_tasks
 
@@ -270,6 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/default/dpo", help="run folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 dpo.loss=ipo")
     p.set_defaults(func=cmd_dpo)
+
+    rl_help = ("rl.prompts_per_rollout, rl.group_size, rl.epochs (minibatch: train.batch_size replies), "
+               "rl.kl_coef, rl.kl_target (adaptive), rl.no_end_penalty, rl.max_new_tokens, rl.temperature")
+    for name, start, what in (("ppo", "--policy", "PPO with a KL penalty to the starting model (InstructGPT)"),
+                              ("grpo", "--init", "GRPO: G replies per prompt, advantages within the group")):
+        p = sub.add_parser(name, help=what, description=f"{what}. Prompt rows {{\"prompt\", ...}}; the other "
+                           f"fields go to a reward function. Settings: {rl_help}; ppo also rl.gamma, rl.lam, "
+                           "rl.value_coef, rl.ptx_coef.")
+        p.add_argument(start, dest="policy" if name == "ppo" else "init", required=True,
+                       help="run folder of the policy to start from (the SFT model); also the frozen reference")
+        p.add_argument("--reward", required=name == "ppo",
+                       help="a reward-model run folder (chatforge rm), or module:function(prompt, response, **row)"
+                       " -> float, e.g. chatforge.tasks.verse:reward")
+        p.add_argument("--prompts", required=True, help="training prompts, .jsonl")
+        p.add_argument("--val", help="held-out prompts, .jsonl: mean reward and KL to the reference while training")
+        p.add_argument("--task-prompts", help="held-out demo-task prompts: constraint success before and after")
+        p.add_argument("--config", help=f"TOML config (e.g. configs/demo-{name}.toml)")
+        p.add_argument("--out", default=f"runs/default/{name}", help="run folder")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.kl_coef=0.1 train.steps=100")
+        p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("tasks", help="build the demo task data (instructions, held-out prompts, labels)")
     p.add_argument("--corpus", default="data/demo/corpus.jsonl.gz")

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # steps with a non-finite loss or gradient skipped before the run stops
     freeze: str = "none"  # classification: head (train only the head) | last_n (head + last n_train_layers) | none
     n_train_layers: int = 1
 
@@ -55,17 +56,43 @@ class DPOConfig:
 
 
 @dataclass
+class RLConfig:
+    """PPO and GRPO: how rollouts are sampled and scored, and how each one is learned from."""
+
+    prompts_per_rollout: int = 32  # prompts sampled for one round of rollouts
+    group_size: int = 1  # replies per prompt (GRPO: the group G, e.g. 8; PPO: 1)
+    epochs: int = 2  # passes over each round's rollouts; minibatch size is train.batch_size replies
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = ""  # module:function(prompt, response, **row) -> float; empty: the --reward model
+    kl_coef: float = 0.05  # β of the KL penalty to the reference (the starting model)
+    kl_target: float = 0.0  # > 0: adapt β so the KL stays near this (Ziegler et al., 2019); 0: fixed β
+    kl_horizon: int = 10000  # adaptive β's time constant, in replies
+    no_end_penalty: float = 1.0  # subtracted from the score of a reply that never emits <|im_end|>
+    gamma: float = 1.0  # PPO: discount
+    lam: float = 0.95  # PPO: GAE λ
+    clip: float = 0.2  # ε of the clipped policy objective
+    value_clip: float = 0.2  # PPO: how far the value may move from its rollout value
+    value_coef: float = 0.1  # PPO: weight of the value loss
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pre-training loss on data.dir's shards (0 = off)
+    whiten_rewards: bool = False  # PPO: normalise scores within each round before the KL penalty
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_SAFE_KEYS = {"train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.compile", "train.steps"}
+                    "train.compile", "train.steps",
+                    "train.max_bad_steps"}
 
 
 def _set(obj: Any, dotted: str, value: Any, where: str) -> None:

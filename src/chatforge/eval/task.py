@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from chatforge.data.chat import pad_id
 from chatforge.data.readers import read_jsonl
-from chatforge.model.generate import Sampling, generate_ids
+from chatforge.model.generate import Sampling, generate_batch, generate_ids
 from chatforge.model.transformer import Transformer
 from chatforge.tasks.verse import check
 from chatforge.tokenizer import EOT, IM_END, decode, encode, render_chat
@@ -29,18 +30,26 @@ def reply(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling) -> tuple
 
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
-                  temperature: float = 0.0, seed: int = 0) -> dict:
-    """Success rate (checker) and end-token rate over `rows`; greedy by default so numbers repeat."""
+                  temperature: float = 0.0, seed: int = 0, batch_size: int = 64) -> dict:
+    """Success rate (checker) and end-token rate over `rows`; greedy by default so numbers repeat.
+    Replies are generated `batch_size` prompts at a time."""
     model.eval()
     successes, ended, samples = 0, 0, []
-    for i, row in enumerate(rows):
-        s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + i)
-        text, done = reply(model, tok, row["prompt"], s)
-        ok = done and check(row, text)
-        successes += ok
-        ended += done
-        if len(samples) < 6:
-            samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
+    stops = {tok.token_to_id(IM_END), tok.token_to_id(EOT)}
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        chats = [render_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True) for r in chunk]
+        prompts = [encode(tok, text) for text in chats]
+        replies = generate_batch(model, prompts, s, stops, pad_id(tok), generator)
+        for row, (ids, done) in zip(chunk, replies, strict=True):
+            text = decode(tok, ids[:-1] if done else ids)
+            ok = done and check(row, text)
+            successes += ok
+            ended += done
+            if len(samples) < 6:
+                samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
     n = max(1, len(rows))
     return {"success": successes / n, "end_rate": ended / n, "n": len(rows), "samples": samples}
 

@@ -71,6 +71,44 @@ def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_id
         inputs = torch.tensor([[token]], device=device)
 
 
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], s: Sampling, stop_ids: set[int], pad_token: int,
+                   generator: torch.Generator | None = None) -> list[tuple[list[int], bool]]:
+    """Sample replies to many prompts at once: the prompts are left-padded so every row's next token
+    is at the same column, and `real` keeps pads out of attention and positions. Returns each reply's
+    tokens (its stop token included, so RL can score and train on it) and whether it ended with one."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    budget = min(s.max_new_tokens, model.cfg.context - width)
+    if budget < 1:
+        raise ValueError(f"a prompt of {width} tokens leaves no room in the context ({model.cfg.context})")
+    ids = torch.full((len(prompts), width), pad_token, dtype=torch.long, device=device)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        real[i, width - len(p):] = True
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    cache = KVCache(model.cfg.n_layer)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    ended = torch.zeros_like(done)
+    new = []
+    inputs = ids
+    for _ in range(budget):
+        logits = model(inputs, cache=cache, real=real)[:, -1, :]
+        token = sample_next(logits, s, generator)
+        token = torch.where(done, pad_token, token)
+        new.append(token)
+        ended |= ~done & torch.isin(token, stops)
+        real = torch.cat([real, ~done[:, None]], dim=1)
+        done |= ended
+        if bool(done.all()):
+            break
+        inputs = token[:, None]
+    tokens = torch.stack(new, dim=1).tolist()
+    counts = real[:, width:].sum(1).tolist()  # a reply's tokens are the real ones after the prompt
+    return [(row[:n], bool(e)) for row, n, e in zip(tokens, counts, ended.tolist(), strict=True)]
+
+
 def default_stop_ids(tok: Tokenizer) -> set[int]:
     return {tok.token_to_id(EOT), tok.token_to_id(IM_END)}
 

@@ -124,7 +124,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.use_rope = cfg.style == "llama"
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -138,8 +139,8 @@ class Attention(nn.Module):
         if cache is not None:
             past = 0 if cache.keys[self.layer] is None else cache.keys[self.layer].shape[2]
             k, v = cache.update(self.layer, k, v)
-        mask, causal = None, T > 1
-        if past and T > 1:  # new tokens see every cached position and the earlier new ones
+        causal = T > 1 and mask is None
+        if mask is None and past and T > 1:  # new tokens see every cached position and the earlier new ones
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
         y = F.scaled_dot_product_attention(
@@ -175,8 +176,9 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache))
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -216,21 +218,35 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab); with `targets`, the mean cross-entropy over targets != -100."""
+        """Logits (B, T, vocab); with `targets`, the mean cross-entropy over targets != -100.
+
+        `real` (B, cached + T), for left-padded batches: True at real tokens. Positions then count real
+        tokens only and no token attends to a pad, so a row's numbers do not depend on its padding."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context})")
         x = self.tok_emb(idx)
+        positions = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if real is not None:
+            positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+            keys = torch.arange(start + T, device=idx.device)
+            query = (keys[start:])[:, None]
+            # causal, real keys only; and every token sees itself, so a pad's row is never empty (no NaN)
+            mask = (((keys <= query) & real[:, None, :]) | (keys == query))[:, None]  # (B, 1, T, cached + T)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        else:
+            x = x + self.pos_emb(positions)
+        elif real is None:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        else:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         x = self.norm(x)
         if return_hidden:
             return x

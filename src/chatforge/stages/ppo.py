@@ -1,12 +1,26 @@
-"""PPO for RLHF (InstructGPT step 3; Schulman et al., 2017; Ziegler et al., 2019) — the equations.
+"""PPO for RLHF (InstructGPT step 3; Schulman et al., 2017; Ziegler et al., 2019).
 
-The rollout loop and the stage that uses them are still to come (the RLHF issue); these functions are
-the pieces it is built from, each checked against hand-computed numbers in tests/test_rl_math.py.
+Each round: sample replies to a batch of prompts with the policy; score each whole reply with the reward
+model (or a reward function); turn the score into per-token rewards with a KL penalty to the frozen
+starting model; estimate advantages with GAE against the critic's values; then take `rl.epochs` passes
+of clipped policy and value updates over minibatches. The critic starts as a copy of the reward model,
+as in InstructGPT. One optimizer step of the shared training loop is one minibatch.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch import nn
+
+from chatforge.config import Config, RLConfig, config_to_dict
+from chatforge.data.shards import WindowSampler, open_tokens
+from chatforge.model.io import load_run_model
+from chatforge.stages.classify import Classifier
+from chatforge.stages.reward import load_reward_model
+from chatforge.stages.rollout import RLRun, Round, token_logprobs
+from chatforge.train.loop import train
 
 
 def kl_penalised_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, kl_coef: float,
@@ -57,3 +71,76 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (worst * mask).sum() / mask.sum()
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over reply tokens: 1 = the critic predicts the returns; ≤ 0 = no better
+    than their mean."""
+    def var(x: torch.Tensor) -> torch.Tensor:
+        mean = (x * mask).sum() / mask.sum()
+        return (((x - mean) * mask) ** 2).sum() / mask.sum()
+    return float(1 - var(returns - values) / var(returns).clamp(min=1e-8))
+
+
+class ActorCritic(nn.Module):
+    """The policy and its critic, trained together by one optimizer. The critic is a reward model whose
+    head reads every position: V(x≤t) estimates the return from token t on."""
+
+    def __init__(self, policy: nn.Module, critic: Classifier):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def values(self, sequences: torch.Tensor) -> torch.Tensor:
+        return self.critic.head(self.critic.body(sequences[:, :-1], return_hidden=True)).squeeze(-1).float()
+
+    def flops_per_token(self) -> float:
+        return self.policy.flops_per_token() + self.critic.body.flops_per_token()
+
+
+def ppo_loss(m: ActorCritic, rnd: Round, idx: torch.Tensor, rl: RLConfig) -> tuple[torch.Tensor, dict]:
+    """The loss of one minibatch of a round: clipped policy loss + value_coef × clipped value loss."""
+    seqs, mask = rnd.sequences[idx], rnd.mask[idx]
+    logp, entropy = token_logprobs(m.policy, seqs, with_entropy=True)
+    pg, clip_fraction = policy_loss(logp, rnd.old_logp[idx], rnd.advantages[idx], mask, rl.clip)
+    vf = value_loss(m.values(seqs), rnd.values[idx], rnd.returns[idx], mask, rl.value_clip)
+    stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "clip_fraction": clip_fraction.item(),
+             "entropy": ((entropy * mask).sum() / mask.sum()).item()}
+    return pg + rl.value_coef * vf, stats
+
+
+def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str | Path,
+            reward_run: str | Path | None = None, val: str | Path | None = None) -> dict:
+    out, rl = Path(out), cfg.rl
+    run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo")
+    # InstructGPT starts the critic from the reward model; with a reward function, from the policy
+    critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
+    model = ActorCritic(run.policy, critic.to(run.device))
+
+    @torch.no_grad()
+    def prepare(rnd: Round) -> dict:
+        model.eval()
+        rnd.values = model.values(rnd.sequences) * rnd.mask
+        model.train()
+        scores = rnd.scores
+        if rl.whiten_rewards:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        rewards = kl_penalised_rewards(scores, rnd.old_logp, rnd.ref_logp, run.kl.coef, rnd.mask)
+        advantages, rnd.returns = gae(rewards, rnd.values, rl.gamma, rl.lam)
+        rnd.advantages = whiten(advantages, rnd.mask)
+        return {"explained_variance": explained_variance(rnd.values, rnd.returns, rnd.mask)}
+
+    ptx = None
+    if rl.ptx_coef > 0:  # PPO-ptx (InstructGPT eq. 2): keep the pre-training likelihood up too
+        ptx = WindowSampler(open_tokens(cfg.data.dir, "train"), run.policy.cfg.context, cfg.train.batch_size,
+                            cfg.train.seed)
+
+    def loss(m: ActorCritic, rnd: Round, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        value, stats = ppo_loss(m, rnd, idx, rl)
+        if ptx is not None:
+            x, y = (torch.from_numpy(a).to(run.device) for a in ptx.next_batch())
+            lm = m.policy(x, targets=y)
+            value, stats = value + rl.ptx_coef * lm, stats | {"ptx_loss": lm.item()}
+        return value, stats
+
+    result = train(model, run.stage(prepare, loss), cfg.train, out, config_to_dict(cfg), None)
+    return run.finish(out, result)

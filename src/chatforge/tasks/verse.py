@@ -65,6 +65,12 @@ def check(row: dict, response: str) -> bool:
     return len(chars) == row["length"] and chars[0] == row["keyword"] and not rest
 
 
+def reward(prompt: str, response: str, **row) -> float:
+    """The checker as a reward function for `rl.reward=chatforge.tasks.verse:reward`: 1 if the reply
+    meets the prompt's constraint, else 0."""
+    return float(check({"prompt": prompt, **row}, response))
+
+
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
                 seed: int = 0) -> dict[str, int]:
     """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and

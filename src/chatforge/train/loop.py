@@ -37,6 +37,7 @@ class Stage:
     evaluate: Callable[[torch.nn.Module], dict] | None = None  # held-out numbers
     data_state: Callable[[], dict] = field(default=lambda: {})  # the data position, to checkpoint
     load_data_state: Callable[[dict], None] = field(default=lambda state: None)
+    metrics: Callable[[], dict] = field(default=lambda: {})  # the stage's own numbers, logged with each step
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -124,6 +125,7 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
         save_checkpoint(run_dir, step, model, optimizer, {"data": stage.data_state()}, cfg.keep_checkpoints)
 
     evaluation: dict = {}
+    bad_steps = 0
     bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15)
     try:
@@ -139,17 +141,25 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
                     loss = stage.loss(forward, stage.next_batch()) / cfg.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
-            if not math.isfinite(loss_sum):
-                raise ChatforgeError(f"{stage.name}: loss became {loss_sum} at step {step + 1}; "
-                                     "lower train.lr or use train.precision=fp32 (last checkpoint kept)")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                # skip the update, never apply a NaN; stop once it keeps happening
+                optimizer.zero_grad(set_to_none=True)
+                bad_steps += 1
+                log.write({"step": step + 1, "skipped": f"non-finite loss {loss_sum} or gradient norm {grad_norm}"})
+                if bad_steps > cfg.max_bad_steps:
+                    raise ChatforgeError(
+                        f"{stage.name}: loss or gradient non-finite in {bad_steps} steps (the last at step {step + 1},"
+                        f" train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or use train.precision=fp32."
+                        f" The last good checkpoint is kept in {run_dir}/checkpoints")
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
             tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak}
+                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak, **stage.metrics()}
             if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 model.eval()
                 with torch.no_grad(), autocast(device, dtype):

@@ -1,0 +1,254 @@
+"""PPO and GRPO on the session's small SFT model: batched generation, the stages end to end, the
+behaviour the equations promise, and bad input."""
+
+import hashlib
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from chatforge.config import RLConfig, load_config
+from chatforge.errors import ChatforgeError
+from chatforge.model.generate import Sampling, generate_batch, generate_ids
+from chatforge.model.io import load_run_model
+from chatforge.model.transformer import ModelConfig, Transformer
+from chatforge.stages.grpo import run_grpo
+from chatforge.stages.ppo import ActorCritic, explained_variance, gae, ppo_loss, run_ppo, whiten
+from chatforge.stages.reward import load_reward_model, run_reward
+from chatforge.stages.rollout import (
+    AdaptiveKL,
+    batched_logprobs,
+    function_scores,
+    load_prompt_rows,
+    load_reward_function,
+    model_scores,
+    sample_round,
+)
+from chatforge.tokenizer import load_tokenizer
+from conftest import REPO
+
+
+def short_reply(prompt: str, response: str, **row) -> float:
+    """A reward any policy can learn quickly: 1 for a reply of at most three words."""
+    return float(len(response.split()) <= 3)
+
+
+def broken_reward(prompt: str, response: str, **row) -> float:
+    raise KeyError("score")
+
+
+def nan_reward(prompt: str, response: str, **row) -> float:
+    return math.nan
+
+
+def rl_config(*overrides: str):
+    return load_config(None, ["train.batch_size=32", "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_steps=0",
+                              "train.weight_decay=0", "train.eval_every=1000", "train.checkpoint_every=1000",
+                              "train.log_every=1", "rl.max_new_tokens=24", *overrides])
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_left_padded_batch_gives_each_row_its_own_numbers(style):
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(style=style, vocab_size=64, context=48, n_layer=2, n_head=4, d_model=32)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16]]
+    s = Sampling(temperature=0, max_new_tokens=10)
+    batch = generate_batch(m, prompts, s, stop_ids={3}, pad_token=1)
+    for p, (reply, _) in zip(prompts, batch, strict=True):
+        assert reply == list(generate_ids(m, p, s, {3}))[: len(reply)] and len(reply) == 10
+    width = 7
+    x = torch.tensor([[1] * (width - len(p)) + p for p in prompts])
+    real = x != 1
+    logits = m(x, real=real)
+    for i, p in enumerate(prompts):
+        alone = m(torch.tensor([p]))
+        assert torch.allclose(logits[i, width - len(p):], alone[0], atol=1e-5)
+
+
+def test_sampled_replies_stop_at_their_end_token_and_mask_only_reply_tokens(sft_run, tasks):
+    tok = load_tokenizer(sft_run[0])
+    policy = load_run_model(sft_run[0])
+    rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:8]
+    rnd = sample_round(policy, tok, rows, RLConfig(group_size=2, max_new_tokens=24), seed=0)
+    assert len(rnd) == 16 and rnd.rows[0] is rnd.rows[1]
+    reply_tokens = rnd.mask.sum(-1)
+    assert (reply_tokens >= 1).all() and (reply_tokens <= 24).all()
+    im_end = tok.token_to_id("<|im_end|>")
+    for i in range(len(rnd)):  # the last masked target is the end token exactly when the reply ended
+        last = int(rnd.mask[i].nonzero().max()) + 1
+        assert (int(rnd.sequences[i, last]) == im_end) == bool(rnd.ended[i])
+    logp = batched_logprobs(policy, rnd.sequences)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
+def test_a_ppo_step_lowers_its_own_surrogate_loss(sft_run, tasks):
+    tok = load_tokenizer(sft_run[0])
+    torch.manual_seed(0)
+    policy = load_run_model(sft_run[0]).train()
+    from chatforge.stages.classify import Classifier
+
+    model = ActorCritic(policy, Classifier(load_run_model(sft_run[0]), 1))
+    rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:8]
+    rl = RLConfig(max_new_tokens=16)
+    rnd = sample_round(policy, tok, rows, rl, seed=0)
+    rnd.old_logp = batched_logprobs(policy, rnd.sequences)
+    with torch.no_grad():
+        rnd.values = model.values(rnd.sequences) * rnd.mask
+    rewards = torch.randn(len(rnd))[:, None] * rnd.mask
+    advantages, rnd.returns = gae(rewards, rnd.values, 1.0, 0.95)
+    rnd.advantages = whiten(advantages, rnd.mask)
+    idx = torch.arange(len(rnd))
+    before, stats = ppo_loss(model, rnd, idx, rl)
+    assert stats["clip_fraction"] == 0.0  # π = π_old at the first step: no ratio is clipped
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    before.backward()
+    opt.step()
+    after, _ = ppo_loss(model, rnd, idx, rl)
+    assert after.item() < before.item()
+
+
+def test_adaptive_kl_moves_towards_its_target_by_at_most_the_clip():
+    ctl = AdaptiveKL(0.1, target=1.0, horizon=100)
+    ctl.update(kl=5.0, replies=10)  # far above target: error clipped to +0.2
+    assert ctl.coef == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    ctl.update(kl=0.9, replies=10)
+    assert ctl.coef < 0.1 * 1.02
+    fixed = AdaptiveKL(0.1, target=0.0, horizon=100)
+    fixed.update(kl=5.0, replies=10)
+    assert fixed.coef == 0.1
+    mask = torch.ones(2, 3)
+    returns = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 5.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.zeros_like(returns) + returns.mean(), returns, mask) == pytest.approx(0.0)
+
+
+def file_digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks, tmp_path):
+    tok = load_tokenizer(sft_run[0])
+    before_digest = file_digest(sft_run[0] / "model.safetensors")
+    held = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)
+    held = random.Random(0).sample(held, 64)
+    greedy = RLConfig(temperature=0.0, max_new_tokens=24)
+
+    def held_out_reward(run) -> float:
+        rnd = sample_round(load_run_model(run), tok, held, greedy, seed=0)
+        return function_scores(short_reply, "short_reply", rnd).mean().item()
+
+    cfg = rl_config("train.steps=12", "rl.group_size=8", "rl.prompts_per_rollout=8", "rl.epochs=1",
+                    "rl.reward=test_rl:short_reply", "rl.kl_coef=0.02")
+    run_grpo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "grpo")
+    start, end = held_out_reward(sft_run[0]), held_out_reward(tmp_path / "grpo")
+    print(f"grpo: held-out reward {start:.3f} -> {end:.3f}")
+    assert end >= start + 0.25
+    assert file_digest(sft_run[0] / "model.safetensors") == before_digest
+    log = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
+    assert len(log) == 12 and all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in log)
+    assert {"reward", "kl", "entropy", "clip_fraction", "reply_tokens", "end_rate"} <= set(log[-1])
+
+
+@pytest.fixture(scope="module")
+def reward_run(sft_run, tasks, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "rm"
+    cfg = load_config(REPO / "configs" / "demo-rm.toml", ["train.steps=40", "train.eval_every=1000",
+                                                          "train.checkpoint_every=1000"])
+    run_reward(cfg, sft_run[0], tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out)
+    return out
+
+
+def test_ppo_raises_the_held_out_reward_with_a_bounded_kl(sft_run, reward_run, tasks, tmp_path):
+    """PPO against the reward model: the critic starts as the reward model; the held-out reward model
+    score of greedy replies rises while the KL to the reference stays small."""
+    tok = load_tokenizer(sft_run[0])
+    held = random.Random(0).sample(load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40), 64)
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
+    cfg = rl_config("train.steps=24", "rl.prompts_per_rollout=32", "rl.epochs=2", "rl.kl_coef=0.05",
+                    "train.eval_every=24")
+    rm = load_reward_model(reward_run)
+    def held_out_score(run) -> float:
+        rnd = sample_round(load_run_model(run), tok, held, RLConfig(temperature=0.0, max_new_tokens=24), seed=0)
+        return model_scores(rm, tok, rnd).mean().item()
+
+    result = run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo", reward_run,
+                     tmp_path / "held.jsonl")
+    start, end = held_out_score(sft_run[0]), held_out_score(tmp_path / "ppo")
+    print(f"ppo: held-out reward-model score {start:.3f} -> {end:.3f}, KL {result['val_kl']:.3f}")
+    assert end >= start + 0.5
+    assert 0 <= result["val_kl"] < 5.0
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert {"value_loss", "explained_variance", "clip_fraction", "entropy", "kl", "reward"} <= set(log[-1])
+
+
+def test_bad_rewards_are_clear_errors(sft_run, tasks, tmp_path):
+    tok = load_tokenizer(sft_run[0])
+    rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:2]
+    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, RLConfig(max_new_tokens=8), seed=0)
+    with pytest.raises(ChatforgeError, match="raised KeyError"):
+        function_scores(broken_reward, "test_rl:broken_reward", rnd)
+    with pytest.raises(ChatforgeError, match="finite number"):
+        function_scores(nan_reward, "test_rl:nan_reward", rnd)
+    for spec in ("no_colon", "no_such_module_xyz:f", "test_rl:missing"):
+        with pytest.raises(ChatforgeError, match="rl.reward"):
+            load_reward_function(spec)
+    with pytest.raises(ChatforgeError, match="group_size"):
+        run_grpo(rl_config("rl.reward=test_rl:short_reply", "rl.group_size=1"), sft_run[0],
+                 tasks / "prompts_train.jsonl", tmp_path / "g")
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no prompt"}\n')
+    with pytest.raises(ChatforgeError, match=r"prompts.jsonl:2"):
+        load_prompt_rows(bad, tok, 40)
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(sft_run, reward_run, tasks, tmp_path):
+    other = tmp_path / "rm_other"
+    other.mkdir()
+    for f in reward_run.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    table = json.loads((other / "tokenizer.json").read_text())
+    table["model"]["vocab"]["zzzz_new"] = len(table["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(table))
+    with pytest.raises(ChatforgeError, match="different tokenizers"):
+        run_ppo(rl_config("train.steps=1"), sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo", other)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    from chatforge.config import Config, TrainConfig, config_to_dict
+    from chatforge.train.loop import Stage, train
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(style="llama", vocab_size=64, context=16, n_layer=1, n_head=2, d_model=16))
+    x = torch.randint(0, 64, (4, 16))
+    calls = {"n": 0}
+    poisoned: set[int] = {2, 3}
+
+    def loss(m, batch):
+        calls["n"] += 1
+        value = m(batch, targets=batch)
+        return value * float("nan") if calls["n"] in poisoned else value
+
+    stage = Stage(name="t", next_batch=lambda: x, loss=loss, tokens_per_batch=64)
+    cfg = TrainConfig(steps=5, max_bad_steps=2, checkpoint_every=1, log_every=1, eval_every=1000,
+                      precision="fp32", warmup_steps=0)
+    train(model, stage, cfg, tmp_path / "a", config_to_dict(Config()))
+    log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert [r["step"] for r in log if "skipped" in r] == [2, 2]  # the same step, tried three times
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    calls["n"], poisoned = 0, set(range(3, 100))
+    with pytest.raises(ChatforgeError, match="max_bad_steps=2"):
+        train(model, stage, cfg, tmp_path / "b", config_to_dict(Config()))
+    assert (tmp_path / "b" / "checkpoints" / "step_2").is_dir()  # the last good checkpoint is kept
+
+
+def test_ppo_ptx_mixes_the_pretraining_loss(sft_run, data_dir, tasks, tmp_path):
+    cfg = rl_config("train.steps=2", "rl.prompts_per_rollout=16", "rl.epochs=1", "rl.ptx_coef=0.1",
+                    "rl.reward=test_rl:short_reply", f"data.dir={data_dir}")
+    run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo")
+    log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    assert all(0 < r["ptx_loss"] < 10 for r in log)
