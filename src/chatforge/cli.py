@@ -215,7 +215,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from chatforge.demo import run_demo
 
-    run_demo(args.out, args.config, args.overrides)
+    align = ("ppo", "dpo", "grpo") if args.align == "all" else tuple(a for a in args.align.split(",") if a)
+    run_demo(args.out, args.config, args.overrides, align)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on the bundled demo data")
     p.add_argument("--out", default="runs/demo", help="folder for every stage's run (default runs/demo)")
     p.add_argument("--config", default=None, help="pre-training config (default configs/demo.toml)")
+    p.add_argument("--align", default="ppo", help="alignment after the reward model: ppo (default), dpo, grpo, "
+                   "a comma-separated list, all, or '' for none")
     p.add_argument("overrides", nargs="*", help="dotted overrides for pre-training, e.g. train.steps=100")
     p.set_defaults(func=cmd_demo)
     return parser

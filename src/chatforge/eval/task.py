@@ -57,3 +57,15 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
 def load_prompts(path: str) -> list[dict]:
     """Task rows ({"prompt", "keyword", "kind", "length", ...}) from a .jsonl file."""
     return [row for _, row in read_jsonl(Path(path))]
+
+
+@torch.no_grad()
+def reward_model_scores(model: Transformer, reward_model: torch.nn.Module, tok: Tokenizer, rows: list[dict],
+                        max_new_tokens: int = 48) -> torch.Tensor:
+    """The reward model's score of `model`'s greedy reply to each row's prompt (compare two models on the
+    same rows: the mean difference, or the win-rate of one over the other)."""
+    from chatforge.config import RLConfig
+    from chatforge.stages.rollout import model_scores, sample_round
+
+    rnd = sample_round(model, tok, rows, RLConfig(temperature=0.0, max_new_tokens=max_new_tokens), seed=0)
+    return model_scores(reward_model, tok, rnd)
