@@ -123,9 +123,13 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         r[f"{name}_rm_score"] = scores.mean().item()
         r[f"{name}_rm_win_rate"] = (scores > sft_scores).float().mean().item()
         extra = ""
-        if "val_kl" in result:
+        if "val_kl" in result:  # an RL run: its reward on each round's fresh prompts, first and last five logged steps
+            log = [json.loads(line) for line in (out / name / "metrics.jsonl").open()]
+            rewards = [row["reward"] for row in log if "reward" in row]
+            r[f"{name}_reward_first"], r[f"{name}_reward_last"] = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
             r[f"{name}_kl"] = result["val_kl"]
-            extra = f", KL to SFT {result['val_kl']:.2f} nats/reply"
+            extra = (f", training reward {rewards[0]:.2f} -> {r[f'{name}_reward_last']:.2f}, "
+                     f"KL to SFT {result['val_kl']:.2f} nats/reply")
         if "val_reward_accuracy" in result:
             r[f"{name}_preference_accuracy"] = result["val_reward_accuracy"]
             extra = f", held-out implicit-reward accuracy {result['val_reward_accuracy']:.1%}"
