@@ -252,3 +252,17 @@ def test_ppo_ptx_mixes_the_pretraining_loss(sft_run, data_dir, tasks, tmp_path):
     run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo")
     log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
     assert all(0 < r["ptx_loss"] < 10 for r in log)
+
+
+def test_grpo_resumes_from_its_checkpoint_and_refuses_to_overwrite(sft_run, tasks, tmp_path):
+    args = ["rl.group_size=4", "rl.prompts_per_rollout=4", "rl.epochs=1", "train.batch_size=16",
+            "rl.reward=test_rl:short_reply", "rl.kl_target=1.0", "rl.kl_horizon=100", "train.checkpoint_every=2"]
+    out = tmp_path / "grpo"
+    first = run_grpo(rl_config("train.steps=2", *args), sft_run[0], tasks / "prompts_train.jsonl", out)
+    with pytest.raises(ChatforgeError, match="already here"):
+        run_grpo(rl_config("train.steps=2", *args), sft_run[0], tasks / "prompts_train.jsonl", out)
+    run_grpo(rl_config("train.steps=4", *args), sft_run[0], tasks / "prompts_train.jsonl", out, resume="latest")
+    log = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[2]["kl_coef"] == pytest.approx(first["kl_coef"])  # the adaptive β carried over the restart
+    assert (out / "checkpoints" / "step_4").is_dir()

@@ -171,11 +171,11 @@ def cmd_rl(args: argparse.Namespace) -> None:
     if args.command == "ppo":
         from chatforge.stages.ppo import run_ppo
 
-        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val)
+        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val, resume_point(args))
     else:
         from chatforge.stages.grpo import run_grpo
 
-        result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val)
+        result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val, resume_point(args))
     if args.task_prompts:
         from chatforge.eval.task import evaluate_task, load_prompts
         from chatforge.model.io import load_run_model
@@ -321,9 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prompts", required=True, help="training prompts, .jsonl")
         p.add_argument("--val", help="held-out prompts, .jsonl: mean reward and KL to the reference while training")
         p.add_argument("--task-prompts", help="held-out demo-task prompts: constraint success before and after")
-        p.add_argument("--config", help=f"TOML config (e.g. configs/demo-{name}.toml)")
-        p.add_argument("--out", default=f"runs/default/{name}", help="run folder")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.kl_coef=0.1 train.steps=100")
+        add_run_flags(p, f"configs/demo-{name}.toml", f"runs/default/{name}")
         p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("tasks", help="build the demo task data (instructions, held-out prompts, labels)")

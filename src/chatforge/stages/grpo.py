@@ -52,12 +52,13 @@ def grpo_loss(policy: torch.nn.Module, rnd: Round, idx: torch.Tensor, clip: floa
 
 
 def run_grpo(cfg: Config, init: str | Path, prompts: str | Path, out: str | Path,
-             reward_run: str | Path | None = None, val: str | Path | None = None) -> dict:
+             reward_run: str | Path | None = None, val: str | Path | None = None,
+             resume: str | None = None) -> dict:
     out, rl = Path(out), cfg.rl
     if rl.group_size < 2:
         raise ChatforgeError(f"rl.group_size must be at least 2 for GRPO (the group is the baseline), "
                              f"got {rl.group_size}")
-    run = RLRun(cfg, init, prompts, reward_run, val, "grpo")
+    run = RLRun(cfg, init, prompts, reward_run, val, "grpo", out, resume)
 
     def prepare(rnd: Round) -> dict:
         rnd.advantages = group_advantages(rnd.scores, rl.group_size)[:, None] * rnd.mask
@@ -65,5 +66,5 @@ def run_grpo(cfg: Config, init: str | Path, prompts: str | Path, out: str | Path
         return {"groups_with_signal": (groups.std(-1) > 0).float().mean().item()}
 
     result = train(run.policy, run.stage(prepare, lambda m, rnd, idx: grpo_loss(m, rnd, idx, rl.clip, run.kl.coef)),
-                   cfg.train, out, config_to_dict(cfg), None)
+                   cfg.train, out, config_to_dict(cfg), resume)
     return run.finish(out, result)

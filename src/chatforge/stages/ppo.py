@@ -109,9 +109,10 @@ def ppo_loss(m: ActorCritic, rnd: Round, idx: torch.Tensor, rl: RLConfig) -> tup
 
 
 def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str | Path,
-            reward_run: str | Path | None = None, val: str | Path | None = None) -> dict:
+            reward_run: str | Path | None = None, val: str | Path | None = None,
+            resume: str | None = None) -> dict:
     out, rl = Path(out), cfg.rl
-    run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo")
+    run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", out, resume)
     # InstructGPT starts the critic from the reward model; with a reward function, from the policy
     critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
     model = ActorCritic(run.policy, critic.to(run.device))
@@ -142,5 +143,5 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
             value, stats = value + rl.ptx_coef * lm, stats | {"ptx_loss": lm.item()}
         return value, stats
 
-    result = train(model, run.stage(prepare, loss), cfg.train, out, config_to_dict(cfg), None)
+    result = train(model, run.stage(prepare, loss), cfg.train, out, config_to_dict(cfg), resume)
     return run.finish(out, result)

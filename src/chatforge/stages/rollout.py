@@ -199,8 +199,10 @@ class RLRun:
     to the shared training loop one minibatch at a time."""
 
     def __init__(self, cfg: Config, init: str | Path, prompts: str | Path, reward_run: str | Path | None,
-                 val: str | Path | None, name: str):
+                 val: str | Path | None, name: str, out: Path, resume: str | None = None):
         self.cfg, self.rl, self.init, self.name = cfg, cfg.rl, init, name
+        if resume is None and (out / "checkpoints").exists():
+            raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
         if not reward_run and not self.rl.reward:
             raise ChatforgeError(f"{name} needs a reward: --reward RUN (a reward model) or module:function")
         self.tok = load_tokenizer(init)
@@ -270,8 +272,17 @@ class RLRun:
         return Stage(name=self.name, next_batch=next_batch, loss=step_loss,
                      tokens_per_batch=self.cfg.train.batch_size * (self.rl.max_new_tokens + 40),
                      evaluate=self.evaluate if self.val_rows else None,
-                     data_state=self.sampler.state_dict, load_data_state=self.sampler.load_state_dict,
+                     data_state=self.data_state, load_data_state=self.load_data_state,
                      metrics=lambda: {**self.round_stats, **self.step_stats})
+
+    def data_state(self) -> dict:
+        return {**self.sampler.state_dict(), "kl_coef": self.kl.coef}
+
+    def load_data_state(self, state: dict) -> None:
+        """On resume a fresh round is sampled, by the restored policy, from where the prompts had got to."""
+        self.sampler.load_state_dict(state)
+        self.kl.coef = float(state["kl_coef"])
+        self.batches = []
 
     def evaluate(self, _model: torch.nn.Module) -> dict:
         """Held-out prompts: the mean reward of greedy replies, and the KL (nats per reply) of sampled
