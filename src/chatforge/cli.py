@@ -202,14 +202,29 @@ def cmd_export(args: argparse.Namespace) -> None:
     from chatforge.model.lora import merge_lora
     from chatforge.tokenizer import copy_tokenizer
 
-    if not args.merge:
-        raise ChatforgeError("export needs --merge (fold LoRA adapters into the base weights)")
+    if args.to:
+        from chatforge.interop.hf import export_hf
+
+        config = export_hf(args.run, args.to)
+        print(f"export: {config['architectures'][0]} for transformers -> {args.to} "
+              "(AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+        return
+    if not args.merge or not args.out:
+        raise ChatforgeError("export needs --to DIR (a transformers folder) or --merge --out DIR (fold LoRA adapters)")
     if not (Path(args.run) / "adapter.json").is_file():
         raise ChatforgeError(f"{args.run}: no adapter.json here, so nothing to merge; it is already a full model")
     model = merge_lora(load_run_model(args.run))
     save_model_files(model, args.out, {"stage": "merged", "from": str(args.run)})
     copy_tokenizer(Path(args.run), args.out)
     print(f"export: merged LoRA adapters of {args.run} into {args.out}/model.safetensors")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from chatforge.interop.hf import import_hf
+
+    cfg = import_hf(args.source, args.out)
+    print(f"import: {cfg.style} style, {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
+          f"-> {args.out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -329,11 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo/tasks")
     p.set_defaults(func=cmd_tasks)
 
-    p = sub.add_parser("export", help="write a LoRA run as one full model (--merge)")
-    p.add_argument("--run", required=True, help="run folder with adapter.safetensors")
+    p = sub.add_parser("export", help="a run as a transformers folder (--to), or a LoRA run merged (--merge)")
+    p.add_argument("--run", required=True, help="run folder (a LoRA run is merged first)")
+    p.add_argument("--to", help="folder for config.json, model.safetensors, tokenizer: loads in transformers")
     p.add_argument("--merge", action="store_true", help="fold the adapters into the base weights: W + (alpha/r) B A")
-    p.add_argument("--out", required=True, help="folder for the merged model.safetensors + model.json")
+    p.add_argument("--out", help="with --merge: folder for the merged model.safetensors + model.json")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a transformers folder (GPT-2, Llama, Mistral, Qwen2) as a chatforge run")
+    p.add_argument("--from", dest="source", required=True, help="config.json + safetensors + tokenizer.json folder")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("chat", help="multi-turn chat in the terminal with a chat model")
     p.add_argument("--run", required=True, help="run folder of a chat model (e.g. runs/demo/sft)")

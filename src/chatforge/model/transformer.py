@@ -27,6 +27,7 @@ class ModelConfig:
     d_ff: int = 0  # 0: 4*d_model (gpt2) or the SwiGLU size 8/3*d_model rounded up to 64 (llama)
     dropout: float = 0.0
     bias: bool = True
+    qkv_bias: bool = False  # biases on q, k and v only (Qwen2), when `bias` is off
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -118,7 +119,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.kv_heads
         self.head_dim = cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+                             bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual = True  # scaled at init, see Transformer._init_weights
         self.dropout = cfg.dropout

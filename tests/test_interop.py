@@ -1,0 +1,111 @@
+"""Hugging Face interop: models built locally from configs with random weights (nothing from a hub),
+both directions, logits and greedy generation equal to transformers'."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from chatforge.errors import ChatforgeError  # noqa: E402
+from chatforge.interop.hf import export_hf, import_hf  # noqa: E402
+from chatforge.model.generate import Sampling, generate_ids  # noqa: E402
+from chatforge.model.io import load_run_model, save_model_files  # noqa: E402
+from chatforge.model.transformer import ModelConfig, Transformer  # noqa: E402
+from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer, render_chat  # noqa: E402
+
+VOCAB = 1024  # the session tokenizer's size
+
+
+def hf_model(family: str):
+    common = {"vocab_size": VOCAB, "eos_token_id": None, "bos_token_id": None, "pad_token_id": None}
+    llama_like = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "max_position_embeddings": 96, "rms_norm_eps": 1e-6,
+                  "rope_theta": 5000.0, "tie_word_embeddings": False, **common}
+    configs = {
+        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=96, **common),
+        "llama": lambda: transformers.LlamaConfig(**llama_like),
+        "mistral": lambda: transformers.MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: transformers.Qwen2Config(**{**llama_like, "tie_word_embeddings": True}),
+    }
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
+    with torch.no_grad():  # random biases too, so a dropped or misplaced bias shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+def test_import_matches_transformers(family, tokenizer_dir, tmp_path):
+    theirs = hf_model(family)
+    src = tmp_path / "hf"
+    theirs.save_pretrained(src, safe_serialization=True, max_shard_size="200KB" if family == "mistral" else "5GB")
+    assert (src / "model.safetensors.index.json").is_file() == (family == "mistral")  # sharded, or not
+    copy_tokenizer(tokenizer_dir, src)
+    import_hf(src, tmp_path / "run")
+    ours = load_run_model(tmp_path / "run")
+    x = torch.randint(0, VOCAB, (3, 40))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x).logits, atol=1e-4)
+    prompt = x[0, :8].tolist()
+    assert list(generate_ids(ours, prompt, Sampling(temperature=0, max_new_tokens=32))) == greedy_hf(theirs, prompt, 32)
+    assert load_tokenizer(tmp_path / "run").get_vocab_size() == VOCAB
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_export_loads_in_transformers_with_the_same_logits_and_chat_ids(style, tokenizer_dir, tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(style=style, vocab_size=VOCAB, context=64, n_layer=2, n_head=4, d_model=64,
+                      n_kv_head=2 if style == "llama" else 0, bias=style == "gpt2", tie_embeddings=style == "gpt2")
+    model = Transformer(cfg).eval()
+    save_model_files(model, tmp_path / "run")
+    copy_tokenizer(tokenizer_dir, tmp_path / "run")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        assert torch.allclose(model(x), theirs(x).logits, atol=1e-4)
+    prompt = x[0, :8].tolist()
+    greedy = Sampling(temperature=0, max_new_tokens=32)
+    assert list(generate_ids(model, prompt, greedy)) == greedy_hf(theirs, prompt, 32)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "床前明月光 and Romeo"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == encode(load_tokenizer(tmp_path / "run"), render_chat(messages, add_generation_prompt=True))
+
+
+def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
+    theirs = hf_model("llama")
+    src = tmp_path / "hf"
+    theirs.save_pretrained(src, safe_serialization=True)
+    copy_tokenizer(tokenizer_dir, src)
+    with pytest.raises(ChatforgeError, match="no config.json"):
+        import_hf(tmp_path / "nothing", tmp_path / "r0")
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    table = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**table, "architectures": ["FalconForCausalLM"]}))
+    with pytest.raises(ChatforgeError, match="supported: GPT2LMHeadModel, LlamaForCausalLM"):
+        import_hf(bad, tmp_path / "r1")
+    (bad / "config.json").write_text(json.dumps({**table, "num_hidden_layers": 3}))
+    with pytest.raises(ChatforgeError, match=r"missing \['model.layers.2"):
+        import_hf(bad, tmp_path / "r2")
+    (bad / "config.json").write_text(json.dumps({**table, "vocab_size": 512}))
+    with pytest.raises(ChatforgeError, match="wrong shape"):
+        import_hf(bad, tmp_path / "r3")
+    (bad / "config.json").write_text(json.dumps(table))
+    tok_table = json.loads((bad / "tokenizer.json").read_text())
+    tok_table["added_tokens"].append({**tok_table["added_tokens"][0], "id": 5000, "content": "<|extra|>"})
+    (bad / "tokenizer.json").write_text(json.dumps(tok_table))
+    with pytest.raises(ChatforgeError, match="ids reach 5000 but the model has only 1024"):
+        import_hf(bad, tmp_path / "r4")
+    assert not any((tmp_path / f"r{i}").exists() or (tmp_path / f"r{i}.partial").exists() for i in range(5))
