@@ -29,6 +29,11 @@ def hf_model(family: str):
         "llama": lambda: transformers.LlamaConfig(**llama_like),
         "mistral": lambda: transformers.MistralConfig(**llama_like, sliding_window=None),
         "qwen2": lambda: transformers.Qwen2Config(**{**llama_like, "tie_word_embeddings": True}),
+        "llama-linear": lambda: transformers.LlamaConfig(**llama_like,
+                                                         rope_scaling={"rope_type": "linear", "factor": 3.0}),
+        "llama3": lambda: transformers.LlamaConfig(**llama_like, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}),
     }
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(configs[family]()).eval()
@@ -44,7 +49,7 @@ def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "llama-linear", "llama3"])
 def test_import_matches_transformers(family, tokenizer_dir, tmp_path):
     theirs = hf_model(family)
     src = tmp_path / "hf"

@@ -38,11 +38,17 @@ def hf_config(cfg: ModelConfig, tok) -> dict:
     if cfg.bias:
         raise ChatforgeError("export: a Llama style model with biases has no transformers equivalent")
     arch, kind = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
+    rope: dict = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        rope |= {"low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                 "original_max_position_embeddings": cfg.rope_original_context}
     return {"architectures": [arch], "model_type": kind, "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.d_model // cfg.n_head, "max_position_embeddings": cfg.context,
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope, "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, **ids}
 
 
@@ -134,8 +140,14 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict]:
                           norm_eps=table.get("layer_norm_epsilon", 1e-5))
         return cfg, table
     rope = table.get("rope_parameters") or table.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ChatforgeError(f"{path}: RoPE scaling {rope.get('rope_type', rope.get('type'))} is not supported")
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ChatforgeError(f"{path}: RoPE scaling '{rope_type}' is not supported (default, linear, llama3 are)")
+    scaling = {} if rope_type == "default" else {"rope_scaling": rope_type, "rope_factor": float(rope["factor"])}
+    if rope_type == "llama3":
+        scaling |= {"rope_low_freq_factor": float(rope["low_freq_factor"]),
+                    "rope_high_freq_factor": float(rope["high_freq_factor"]),
+                    "rope_original_context": int(rope["original_max_position_embeddings"])}
     head_dim = table.get("head_dim") or table["hidden_size"] // table["num_attention_heads"]
     if head_dim * table["num_attention_heads"] != table["hidden_size"]:
         raise ChatforgeError(f"{path}: head_dim × heads must equal hidden_size for chatforge's attention")
@@ -146,7 +158,7 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict]:
                       d_model=table["hidden_size"], d_ff=table["intermediate_size"], bias=False,
                       qkv_bias=arch == "Qwen2ForCausalLM" or bool(table.get("attention_bias")),
                       tie_embeddings=table.get("tie_word_embeddings", False), rope_theta=float(theta),
-                      norm_eps=table.get("rms_norm_eps", 1e-6))
+                      norm_eps=table.get("rms_norm_eps", 1e-6), **scaling)
     return cfg, table
 
 

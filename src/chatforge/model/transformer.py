@@ -30,6 +30,11 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k and v only (Qwen2), when `bias` is off
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rope_scaling: str = ""  # "" (none) | linear | llama3: stretch RoPE to contexts longer than trained on
+    rope_factor: float = 1.0  # linear, llama3: how many times longer
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_context: int = 8192  # llama3: the context the model was first trained at
     norm_eps: float = 1e-5
 
     @property
@@ -57,6 +62,8 @@ class ModelConfig:
             raise ChatforgeError(
                 f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.kv_heads})"
             )
+        if self.rope_scaling not in ("", "linear", "llama3"):
+            raise ChatforgeError(f"model.rope_scaling must be '', 'linear' or 'llama3', got '{self.rope_scaling}'")
         if self.style == "llama" and (self.d_model // self.n_head) % 2:
             raise ChatforgeError("RoPE needs an even head size: change model.d_model or model.n_head")
 
@@ -80,10 +87,26 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * theta^(-2i/d), laid out for the rotate-half convention (as in HF Llama)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+def rope_frequencies(head_dim: int, cfg: ModelConfig) -> torch.Tensor:
+    """theta^(-2i/d), rescaled for a longer context if asked: linear divides every frequency by the factor
+    (position interpolation, Chen et al., 2023); llama3 divides only the low frequencies, keeps the high
+    ones, and blends in between (Llama 3.1)."""
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        original, lo, hi = cfg.rope_original_context, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        blend = (original / wavelength - lo) / (hi - lo)  # 0 at the long-wavelength edge, 1 at the short one
+        blended = (1 - blend) * inv_freq / cfg.rope_factor + blend * inv_freq
+        scaled = torch.where(wavelength < original / hi, inv_freq, blended)
+        return torch.where(wavelength > original / lo, inv_freq / cfg.rope_factor, scaled)
+    return inv_freq
+
+
+def rope_tables(head_dim: int, length: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, laid out for the rotate-half convention (as in HF Llama)."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(head_dim, cfg))
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 
@@ -198,7 +221,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.style == "llama":
-            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.context, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.context, cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
