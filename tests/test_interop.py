@@ -114,3 +114,38 @@ def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
     with pytest.raises(ChatforgeError, match="ids reach 5000 but the model has only 1024"):
         import_hf(bad, tmp_path / "r4")
     assert not any((tmp_path / f"r{i}").exists() or (tmp_path / f"r{i}.partial").exists() for i in range(5))
+
+
+def test_an_imported_tokenizer_without_chat_tokens_is_made_ready_for_sft(tasks, tmp_path):
+    """A Llama folder whose tokenizer knows no ChatML tokens: import adds them, grows the embedding by
+    their rows (old logits unchanged), and SFT runs on the imported model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from chatforge.config import load_config
+    from chatforge.stages.sft import run_sft
+
+    foreign = Tokenizer(models.BPE())
+    foreign.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    foreign.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    foreign.train_from_iterator(["Write a line that begins with the word", "床前明月光"] * 50, trainer)
+    n = foreign.get_vocab_size()
+    config = transformers.LlamaConfig(vocab_size=n, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).eval()
+    src = tmp_path / "hf"
+    theirs.save_pretrained(src, safe_serialization=True)
+    foreign.save(str(src / "tokenizer.json"))
+    cfg = import_hf(src, tmp_path / "run")
+    assert cfg.vocab_size == n + 4
+    ours = load_run_model(tmp_path / "run")
+    x = torch.randint(0, n, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(ours(x)[..., :n], theirs(x).logits, atol=1e-4)
+    tok = load_tokenizer(tmp_path / "run")
+    assert tok.token_to_id("<|im_start|>") >= n and tok.token_to_id("<|pad|>") is not None
+    sft = load_config(None, ["train.steps=3", "train.batch_size=4", "train.eval_every=1000",
+                             "train.checkpoint_every=1000", "train.warmup_steps=0"])
+    run_sft(sft, tmp_path / "run", tasks / "sft_train.jsonl", tmp_path / "sft")
+    assert load_run_model(tmp_path / "sft").cfg.vocab_size == n + 4

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, save_model_files
 from chatforge.model.transformer import ModelConfig, Transformer
-from chatforge.tokenizer import EOT, IM_END, PAD, copy_tokenizer, load_tokenizer
+from chatforge.tokenizer import EOT, IM_END, PAD, SPECIAL_TOKENS, copy_tokenizer, load_tokenizer, save_tokenizer
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -213,12 +214,36 @@ def import_hf(src: str | Path, out: str | Path) -> ModelConfig:
                              f"{cfg.vocab_size} embeddings")
     model = Transformer(cfg)
     model.load_state_dict(sd)
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))  # not load_tokenizer: it may lack our tokens yet
+    added = chat_ready(tok)
+    model = grow_vocabulary(model, 1 + max(tok.get_vocab(with_added_tokens=True).values()))
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model_files(model, tmp, {"stage": "imported", "from": str(src)})
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (src / name).is_file():
-            shutil.copy(src / name, tmp / name)
+    save_model_files(model, tmp, {"stage": "imported", "from": str(src), "added_tokens": added})
+    save_tokenizer(tok, tmp)  # with chatforge's ChatML template and special tokens
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return cfg
+    return model.cfg
+
+
+def chat_ready(tok) -> list[str]:
+    """Add the ChatML special tokens chatforge's chat stages use and a foreign tokenizer lacks (Llama's,
+    GPT-2's); returns the ones added."""
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+    return missing
+
+
+def grow_vocabulary(model: Transformer, n_tokens: int) -> Transformer:
+    """A model with at least `n_tokens` embedding and output rows: the old rows are kept, so logits of the
+    old tokens do not change; new rows start at the mean of the old ones, to be learnt in fine-tuning."""
+    if n_tokens <= model.cfg.vocab_size:
+        return model
+    old = model.cfg.vocab_size
+    grown = Transformer(ModelConfig(**{**model.cfg.__dict__, "vocab_size": n_tokens}))
+    sd = model.state_dict()
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        sd[name] = torch.cat([sd[name], sd[name].mean(0, keepdim=True).expand(n_tokens - old, -1)])
+    grown.load_state_dict(sd)
+    return grown
