@@ -28,6 +28,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
+	$(PY) bench/decode.py
 
 clean:
 	rm -rf $(VENV) runs
