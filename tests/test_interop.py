@@ -149,3 +149,28 @@ def test_an_imported_tokenizer_without_chat_tokens_is_made_ready_for_sft(tasks, 
                              "train.checkpoint_every=1000", "train.warmup_steps=0"])
     run_sft(sft, tmp_path / "run", tasks / "sft_train.jsonl", tmp_path / "sft")
     assert load_run_model(tmp_path / "sft").cfg.vocab_size == n + 4
+
+
+def test_a_lora_run_is_merged_on_export(tokenizer_dir, tmp_path):
+    from chatforge.model.lora import LoRAConfig, apply_lora, save_adapter
+
+    torch.manual_seed(0)
+    base = Transformer(ModelConfig(style="llama", vocab_size=VOCAB, context=64, n_layer=2, n_head=4, d_model=64,
+                                   n_kv_head=2, bias=False)).eval()
+    save_model_files(base, tmp_path / "base")
+    copy_tokenizer(tokenizer_dir, tmp_path / "base")
+    lora = LoRAConfig(r=4, alpha=8.0, targets="q,k,v,o,up")
+    apply_lora(base, lora)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.05)  # adapters that change the function
+    save_adapter(base, lora, tmp_path / "lora", str(tmp_path / "base"))
+    copy_tokenizer(tokenizer_dir, tmp_path / "lora")
+    export_hf(tmp_path / "lora", tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, VOCAB, (2, 30))
+    with torch.no_grad():
+        ours = load_run_model(tmp_path / "lora")(x)
+        assert torch.allclose(ours, theirs(x).logits, atol=1e-4)
+        assert not torch.allclose(ours, load_run_model(tmp_path / "base")(x), atol=1e-2)  # the adapters mattered
