@@ -66,12 +66,18 @@ def test_import_matches_transformers(family, tokenizer_dir, tmp_path):
     assert load_tokenizer(tmp_path / "run").get_vocab_size() == VOCAB
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "qwen2"])
 def test_export_loads_in_transformers_with_the_same_logits_and_chat_ids(style, tokenizer_dir, tmp_path):
     torch.manual_seed(0)
-    cfg = ModelConfig(style=style, vocab_size=VOCAB, context=64, n_layer=2, n_head=4, d_model=64,
-                      n_kv_head=2 if style == "llama" else 0, bias=style == "gpt2", tie_embeddings=style == "gpt2")
+    qwen2 = style == "qwen2"  # Llama style with q/k/v biases and tied embeddings
+    cfg = ModelConfig(style="gpt2" if style == "gpt2" else "llama", vocab_size=VOCAB, context=64, n_layer=2,
+                      n_head=4, d_model=64, n_kv_head=0 if style == "gpt2" else 2, bias=style == "gpt2",
+                      qkv_bias=qwen2, tie_embeddings=style != "llama")
     model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
     save_model_files(model, tmp_path / "run")
     copy_tokenizer(tokenizer_dir, tmp_path / "run")
     export_hf(tmp_path / "run", tmp_path / "hf")
