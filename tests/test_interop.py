@@ -107,6 +107,10 @@ def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
     (bad / "config.json").write_text(json.dumps({**table, "architectures": ["FalconForCausalLM"]}))
     with pytest.raises(ChatforgeError, match="supported: GPT2LMHeadModel, LlamaForCausalLM"):
         import_hf(bad, tmp_path / "r1")
+    mistral = {**table, "architectures": ["MistralForCausalLM"], "sliding_window": 16}
+    (bad / "config.json").write_text(json.dumps(mistral))
+    with pytest.raises(ChatforgeError, match="sliding-window attention"):
+        import_hf(bad, tmp_path / "r1")
     (bad / "config.json").write_text(json.dumps({**table, "num_hidden_layers": 3}))
     with pytest.raises(ChatforgeError, match=r"missing \['model.layers.2"):
         import_hf(bad, tmp_path / "r2")

@@ -152,6 +152,10 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict]:
     head_dim = table.get("head_dim") or table["hidden_size"] // table["num_attention_heads"]
     if head_dim * table["num_attention_heads"] != table["hidden_size"]:
         raise ChatforgeError(f"{path}: head_dim × heads must equal hidden_size for chatforge's attention")
+    window = table.get("sliding_window") if arch != "Qwen2ForCausalLM" or table.get("use_sliding_window") else None
+    if window and window < table["max_position_embeddings"]:
+        raise ChatforgeError(f"{path}: sliding-window attention ({window} of {table['max_position_embeddings']} "
+                             "positions) is not supported")
     theta = rope.get("rope_theta", table.get("rope_theta", 10000.0))
     cfg = ModelConfig(style="llama", vocab_size=table["vocab_size"], context=table["max_position_embeddings"],
                       n_layer=table["num_hidden_layers"], n_head=table["num_attention_heads"],
