@@ -137,3 +137,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert proc.returncode == 2 and "stopped by signal" in err and "Traceback" not in err
     step = int((run / "checkpoints" / "latest").read_text().strip()[5:])
     assert step >= 3 and max(losses(run)) == step
+
+
+def test_resume_finds_the_newest_checkpoint_when_the_latest_pointer_was_not_written(data_dir, tmp_path):
+    """A kill between renaming step_N into place and updating `latest` must not lose step_N."""
+    from chatforge.train.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    run_pretrain(tiny_config(data_dir, "train.steps=4", "train.checkpoint_every=2", "train.eval_every=1000"), run)
+    (run / "checkpoints" / "latest").write_text("step_2\n")  # stale, as if the kill came before its update
+    assert resolve_checkpoint(run, "latest").name == "step_4"
+    (run / "checkpoints" / "latest").unlink()
+    assert resolve_checkpoint(run, "latest").name == "step_4"
+    run_pretrain(tiny_config(data_dir, "train.steps=6", "train.checkpoint_every=2", "train.eval_every=1000"),
+                 run, resume="latest")
+    assert max(losses(run)) == 6 and (run / "checkpoints" / "step_6").is_dir()

@@ -101,10 +101,12 @@ def resolve_checkpoint(run_dir: str | Path, which: str = "latest") -> Path:
     """`latest`, a step number, or a path to a checkpoint folder."""
     root = Path(run_dir) / "checkpoints"
     if which == "latest":
-        latest = root / "latest"
-        if not latest.is_file():
-            raise ChatforgeError(f"{root}: no checkpoint to resume from (no 'latest' file); start without --resume")
-        return root / latest.read_text().strip()
+        # The newest step_N folder, not only what the `latest` file says: a step_N folder appears only by
+        # rename once complete, so a crash between that rename and the `latest` update loses nothing.
+        steps = sorted((int(d.name[5:]), d) for d in root.glob("step_*") if d.is_dir() and d.name[5:].isdigit())
+        if not steps:
+            raise ChatforgeError(f"{root}: no checkpoint to resume from; start without --resume")
+        return steps[-1][1]
     if which.isdigit():
         return root / f"step_{which}"
     return Path(which)
