@@ -121,7 +121,7 @@ def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
     tok_table = json.loads((bad / "tokenizer.json").read_text())
     tok_table["added_tokens"].append({**tok_table["added_tokens"][0], "id": 5000, "content": "<|extra|>"})
     (bad / "tokenizer.json").write_text(json.dumps(tok_table))
-    with pytest.raises(ChatforgeError, match="ids reach 5000 but the model has only 1024"):
+    with pytest.raises(ChatforgeError, match=r"ids reach \d+ but the model has only 1024 embeddings"):
         import_hf(bad, tmp_path / "r4")
     assert not any((tmp_path / f"r{i}").exists() or (tmp_path / f"r{i}.partial").exists() for i in range(5))
 

@@ -73,6 +73,21 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(load_run_model(args.run), load_tokenizer(args.run), sampling_from(args), system=args.system)
 
 
+def score_on_task(stage: str, prompts: str, runs: dict[str, str]) -> dict:
+    """Held-out demo-task constraint success and end-token rate of each named run, printed and returned."""
+    from chatforge.eval.task import evaluate_task, load_prompts
+    from chatforge.model.io import load_run_model
+    from chatforge.tokenizer import load_tokenizer
+
+    rows, numbers = load_prompts(prompts), {}
+    for name, run in runs.items():
+        e = evaluate_task(load_run_model(run), load_tokenizer(run), rows)
+        numbers[f"{name}_success"], numbers[f"{name}_end_rate"] = e["success"], e["end_rate"]
+        print(f"{stage}: {name} model on {e['n']} held-out prompts: constraint success {e['success']:.1%}, "
+              f"ends with <|im_end|> {e['end_rate']:.1%}")
+    return numbers
+
+
 def cmd_sft(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.sft import run_sft
@@ -81,16 +96,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     result = run_sft(cfg, args.init, args.data, args.out, args.val, resume_point(args))
     if args.prompts:
-        from chatforge.eval.task import evaluate_task, load_prompts
-        from chatforge.model.io import load_run_model
-        from chatforge.tokenizer import load_tokenizer
-
-        rows, tok = load_prompts(args.prompts), load_tokenizer(args.out)
-        for name, run in (("base", args.init), ("sft", args.out)):
-            e = evaluate_task(load_run_model(run), tok, rows)
-            result[f"{name}_success"], result[f"{name}_end_rate"] = e["success"], e["end_rate"]
-            print(f"sft: {name} model on {e['n']} held-out prompts: success {e['success']:.1%}, "
-                  f"ends with <|im_end|> {e['end_rate']:.1%}")
+        result |= score_on_task("sft", args.prompts, {"base": args.init, "sft": args.out})
     print(f"sft: {result.get('val_loss', float('nan')):.3f} val loss on assistant tokens, "
           f"{result['trainable_params']:,} trainable params, {time.perf_counter() - t:.0f}s -> {args.out}")
 
@@ -177,14 +183,8 @@ def cmd_rl(args: argparse.Namespace) -> None:
 
         result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val, resume_point(args))
     if args.task_prompts:
-        from chatforge.eval.task import evaluate_task, load_prompts
-        from chatforge.model.io import load_run_model
-        from chatforge.tokenizer import load_tokenizer
-
-        rows, tok = load_prompts(args.task_prompts), load_tokenizer(args.out)
-        for name, run in (("start", args.policy if args.command == "ppo" else args.init), (args.command, args.out)):
-            e = evaluate_task(load_run_model(run), tok, rows)
-            print(f"{args.command}: {name} model on {e['n']} held-out prompts: constraint success {e['success']:.1%}")
+        start = args.policy if args.command == "ppo" else args.init
+        score_on_task(args.command, args.task_prompts, {"start": start, args.command: args.out})
     numbers = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float))
     print(f"{args.command}: {numbers or 'done'}, {time.perf_counter() - t:.0f}s -> {args.out}")
 

@@ -211,14 +211,13 @@ def import_hf(src: str | Path, out: str | Path) -> ModelConfig:
     sd = from_hf_tensors(cfg, read_hf_tensors(src), src)
     if not (src / "tokenizer.json").is_file():
         raise ChatforgeError(f"{src / 'tokenizer.json'}: no fast tokenizer here; chatforge needs tokenizer.json")
-    table = json.loads((src / "tokenizer.json").read_text())
-    ids = [*table["model"]["vocab"].values(), *(t["id"] for t in table.get("added_tokens", []))]
-    if not ids or max(ids) >= cfg.vocab_size:  # the embedding may be padded beyond the vocabulary, not short of it
-        raise ChatforgeError(f"{src}: the tokenizer's ids reach {max(ids, default=-1)} but the model has only "
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))  # not load_tokenizer: it may lack our tokens yet
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top < 0 or top >= cfg.vocab_size:  # the embedding may be padded beyond the vocabulary, not short of it
+        raise ChatforgeError(f"{src}: the tokenizer's ids reach {top} but the model has only "
                              f"{cfg.vocab_size} embeddings")
     model = Transformer(cfg)
     model.load_state_dict(sd)
-    tok = Tokenizer.from_file(str(src / "tokenizer.json"))  # not load_tokenizer: it may lack our tokens yet
     added = chat_ready(tok)
     model = grow_vocabulary(model, 1 + max(tok.get_vocab(with_added_tokens=True).values()))
     tmp = out.with_name(out.name + ".partial")

@@ -89,19 +89,16 @@ def generate_batch(model: Transformer, prompts: list[list[int]], s: Sampling, st
         real[i, width - len(p):] = True
     stops = torch.tensor(sorted(stop_ids), device=device)
     cache = KVCache(model.cfg.n_layer)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    ended = torch.zeros_like(done)
+    ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     new = []
     inputs = ids
     for _ in range(budget):
         logits = model(inputs, cache=cache, real=real)[:, -1, :]
-        token = sample_next(logits, s, generator)
-        token = torch.where(done, pad_token, token)
+        token = torch.where(ended, pad_token, sample_next(logits, s, generator))  # a finished row only pads
         new.append(token)
-        ended |= ~done & torch.isin(token, stops)
-        real = torch.cat([real, ~done[:, None]], dim=1)
-        done |= ended
-        if bool(done.all()):
+        real = torch.cat([real, ~ended[:, None]], dim=1)
+        ended |= torch.isin(token, stops)
+        if bool(ended.all()):
             break
         inputs = token[:, None]
     tokens = torch.stack(new, dim=1).tolist()
