@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup demo test test-slow lint bench clean
 
@@ -16,19 +17,25 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The browser test drives Debian's Chromium through Playwright (Playwright's own browser download needs
+# the internet). Installed once, as root, from Debian's packages.
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
 demo: $(STAMP)
 	$(VENV)/bin/chatforge demo
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py
 	$(PY) bench/decode.py
+	$(PY) bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) runs

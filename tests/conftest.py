@@ -96,3 +96,35 @@ def sft_run(pretrained, tasks, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("runs") / "sft"
     result = run_sft(sft_config(), pretrained[0], tasks / "sft_train.jsonl", out, tasks / "sft_val.jsonl")
     return out, result
+
+
+@pytest.fixture(scope="session")
+def live_server(pretrained, sft_run):
+    """`chatforge serve` on a free loopback port with two models, 'base' (pre-trained) and 'sft', and API key
+    'test-key'; yields the base URL. uvicorn runs in a thread of this process and stops at the end."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from chatforge.serve.api import create_app
+    from chatforge.serve.server import load_engines
+
+    engines = load_engines([f"base={pretrained[0]}", f"sft={sft_run[0]}"], max_batch=8, max_pending=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engines, api_key="test-key"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the test server did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    for engine in engines.values():
+        engine.close()

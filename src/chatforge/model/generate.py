@@ -110,36 +110,58 @@ def default_stop_ids(tok: Tokenizer) -> set[int]:
     return {tok.token_to_id(EOT), tok.token_to_id(IM_END)}
 
 
-def stream_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling,
-                stop_ids: set[int] | None = None) -> Iterator[str]:
-    """Yield pieces of the reply as they are decided. A piece is held back while it ends in an
-    unfinished UTF-8 character (a Chinese character is 3 bytes, often split across tokens) or could
-    be the start of a stop string."""
-    stop_ids = default_stop_ids(tok) if stop_ids is None else stop_ids
-    new: list[int] = []
-    emitted = 0
-    for token in generate_ids(model, encode(tok, prompt), s, stop_ids):
-        new.append(token)
-        text = decode(tok, new)
+class TextStream:
+    """Token ids in, finished text out. A piece is held back while it ends in an unfinished UTF-8
+    character (a Chinese character is 3 bytes, often split across tokens) or could be the start of a
+    stop string; `stopped` turns True when a stop string appears (it and what follows are dropped)."""
+
+    def __init__(self, tok: Tokenizer, stop: list[str]):
+        self.tok, self.stop = tok, [x for x in stop if x]
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """The text that became final with this token ('' while held back)."""
+        self.ids.append(token)
+        text = decode(self.tok, self.ids)
         if text.endswith("\ufffd"):
-            continue
-        hits = [text.find(x, max(0, emitted - len(x))) for x in s.stop]
-        hits = [h for h in hits if h >= 0]
+            return ""
+        hits = [h for x in self.stop if (h := text.find(x, max(0, self.emitted - len(x)))) >= 0]
         if hits:
-            yield text[emitted : min(hits)]
-            return
+            self.stopped = True
+            return self._take(text, min(hits))
         safe = len(text)
-        for x in s.stop:  # hold back a tail that may grow into a stop string
+        for x in self.stop:  # hold back a tail that may grow into a stop string
             for n in range(min(len(x) - 1, len(text)), 0, -1):
                 if text.endswith(x[:n]):
                     safe = min(safe, len(text) - n)
                     break
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = decode(tok, new)
-    if len(text) > emitted:
-        yield text[emitted:]
+        return self._take(text, safe)
+
+    def flush(self) -> str:
+        """Whatever is still held back, once no more tokens will come."""
+        return "" if self.stopped else self._take(decode(self.tok, self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.emitted : end]
+        self.emitted = len(text) if end is None else max(self.emitted, end)
+        return piece
+
+
+def stream_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling,
+                stop_ids: set[int] | None = None) -> Iterator[str]:
+    """Yield pieces of the reply as they are decided (see TextStream)."""
+    stop_ids = default_stop_ids(tok) if stop_ids is None else stop_ids
+    stream = TextStream(tok, s.stop)
+    for token in generate_ids(model, encode(tok, prompt), s, stop_ids):
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    if tail := stream.flush():
+        yield tail
 
 
 def generate_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling) -> str:

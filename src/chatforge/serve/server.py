@@ -1,0 +1,70 @@
+"""`chatforge serve`: load the named runs, start one engine per model, and serve the API and the page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from chatforge.errors import ChatforgeError
+
+PIPELINE_ORDER = ["pretrain", "sft", "ppo", "dpo", "grpo"]  # how the arena lays out a demo folder's models
+
+
+def is_model_run(folder: Path) -> bool:
+    return (folder / "model.json").is_file() or (folder / "adapter.json").is_file()
+
+
+def run_folders(specs: list[str]) -> dict[str, Path]:
+    """NAME=DIR or DIR (named after its folder). A folder of runs, such as runs/demo, gives every
+    language model in it, so `--run runs/demo` puts base, SFT and the aligned models side by side."""
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        folder = Path(path)
+        if not folder.is_dir():
+            raise ChatforgeError(f"--run {spec}: {folder} is not a folder")
+        if is_model_run(folder):
+            found = {name or folder.name: folder}
+        else:
+            subs = [f for f in sorted(folder.iterdir()) if f.is_dir() and is_model_run(f)]
+            subs.sort(key=lambda f: PIPELINE_ORDER.index(f.name) if f.name in PIPELINE_ORDER else len(PIPELINE_ORDER))
+            if not subs or name:
+                raise ChatforgeError(f"--run {spec}: {folder} holds no language model (model.json or adapter.json); "
+                                     "a reward model or classifier cannot chat")
+            found = {f.name: f for f in subs}
+        for key, value in found.items():
+            if key in runs:
+                raise ChatforgeError(f"--run {spec}: the name '{key}' is taken; name it with NAME=DIR")
+            runs[key] = value
+    if not runs:
+        raise ChatforgeError("give at least one --run DIR")
+    return runs
+
+
+def load_engines(specs: list[str], max_batch: int, max_pending: int) -> dict:
+    from chatforge.model.io import load_run_model
+    from chatforge.serve.engine import Engine
+    from chatforge.tokenizer import load_tokenizer
+
+    return {name: Engine(load_run_model(folder), load_tokenizer(folder), max_batch, max_pending)
+            for name, folder in run_folders(specs).items()}
+
+
+def serve(specs: list[str], host: str, port: int, api_key: str | None, max_batch: int, max_pending: int,
+          max_body_bytes: int) -> None:
+    import uvicorn
+
+    from chatforge.serve.api import Limits, create_app
+
+    engines = load_engines(specs, max_batch, max_pending)
+    app = create_app(engines, api_key, Limits(max_body_bytes=max_body_bytes))
+    where = f"http://{host}:{port}"
+    print(f"chatforge serve: models {', '.join(engines)}; chat page {where}/ ; API {where}/v1"
+          + (" (API key required)" if api_key else ""), flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(f"chatforge serve: warning: listening on {host} with no --api-key: anyone who reaches it can use it",
+              flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        for engine in engines.values():
+            engine.close()
