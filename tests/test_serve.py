@@ -234,3 +234,23 @@ def test_busy_server_answers_429_and_body_limit_413(tokenizer_dir):
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     finally:
         engine.close()
+
+
+def test_an_engine_failure_ends_its_requests_with_an_error_not_a_hang(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    engine = Engine(tiny_model("gpt2", tok.get_vocab_size()), tok)
+    app = create_app({"m": engine})
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    forward = engine.model.forward
+    try:
+        with TestClient(app, raise_server_exceptions=False) as http:
+            engine.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+            failed = http.post("/v1/chat/completions", json=body)
+            assert failed.status_code == 500 and "boom" in failed.json()["error"]["message"]
+            with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert "boom" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+            engine.model.forward = forward
+            assert http.post("/v1/chat/completions", json=body).status_code == 200  # and it serves again
+    finally:
+        engine.close()

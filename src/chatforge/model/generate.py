@@ -141,7 +141,9 @@ class TextStream:
 
     def flush(self) -> str:
         """Whatever is still held back, once no more tokens will come."""
-        return "" if self.stopped else self._take(decode(self.tok, self.ids), None)
+        if self.stopped:
+            return ""
+        return self._take(decode(self.tok, self.ids).removesuffix("\ufffd"), None)  # half a character: dropped
 
     def _take(self, text: str, end: int | None) -> str:
         piece = text[self.emitted : end]

@@ -218,6 +218,8 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, limits: L
         if not body.stream:
             got = [first] + [event async for event in events]
             reply, finish = "".join(text for text, _ in got), got[-1][1]
+            if finish == "error":
+                raise APIError(500, f"the engine failed: {request.error}", kind="server_error")
             choice = ({"index": 0, "message": {"role": "assistant", "content": reply}, "logprobs": None}
                       if chat else {"index": 0, "text": reply, "logprobs": None})
             choice["finish_reason"] = finish_reason(finish)
@@ -244,7 +246,10 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, limits: L
                 async for event in events:  # ends after the event that carries the finish reason
                     if event[0]:
                         yield chunk(event[0], None)
-                yield chunk(None, finish_reason(event[1]))
+                if event[1] == "error":  # mid-stream the status is sent already: an error event, as OpenAI does
+                    yield f"data: {json.dumps(error_body(f'the engine failed: {request.error}', 'server_error'))}\n\n"
+                else:
+                    yield chunk(None, finish_reason(event[1]))
                 if include_usage:
                     yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage(request)})}\n\n"
                 yield "data: [DONE]\n\n"
@@ -285,7 +290,7 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, limits: L
     @app.get("/static/{name}", include_in_schema=False)
     async def static(name: str):
         path = WEB / name
-        if name not in {p.name for p in WEB.iterdir()}:  # only the page's own files, no path tricks
+        if name not in {p.name for p in WEB.iterdir() if p.is_file()}:  # only the page's own files
             raise APIError(404, f"no such file: {name}")
         return FileResponse(path)
 
@@ -293,5 +298,5 @@ def create_app(engines: dict[str, Engine], api_key: str | None = None, limits: L
 
 
 def finish_reason(finish: str | None) -> str:
-    """OpenAI knows 'stop' and 'length'; a cancelled or failed request reports 'stop' with what it had."""
+    """OpenAI knows 'stop' and 'length'; a request cancelled at shutdown reports 'stop' with what it had."""
     return finish if finish in ("stop", "length") else "stop"

@@ -36,6 +36,7 @@ class Request:
     sampling: Sampling  # temperature, top_p, max_new_tokens, stop strings, seed
     emit: Callable[[str, str | None], None]  # (text piece, finish reason: None | "stop" | "length")
     tokens: list[int] = field(default_factory=list)  # the reply so far (a stop token is not kept)
+    error: str | None = None  # set when the engine failed on this request (a bug, not the client's doing)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -144,7 +145,8 @@ class Engine:
                 except Exception as e:  # a bug must not hang every client: end the requests it touched
                     running = {id(row.request) for row in self.rows}
                     for r in [row.request for row in self.rows] + [r for r in joining if id(r) not in running]:
-                        r.emit(f"[engine error: {e}]", "error")
+                        r.error = f"{type(e).__name__}: {e}"
+                        r.emit("", "error")
                     self.rows, self.cache, self.real = [], None, None
 
     def step(self, joining: list[Request]) -> None:
