@@ -124,8 +124,8 @@ def main() -> None:
     print("| clients | requests | errors | requests/s | tokens/s | TTFT p50 / p95 | latency p50 / p95 | tokens/reply |")
     print("|---|---|---|---|---|---|---|---|")
     for r in (one, many):
-        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} "
-              f"| {r['ttft_p50'] * 1000:.0f} / {r['ttft_p95'] * 1000:.0f} ms "
+        print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
+              f"| {r['tokens_per_s']:.0f} | {r['ttft_p50'] * 1000:.0f} / {r['ttft_p95'] * 1000:.0f} ms "
               f"| {r['latency_p50']:.2f} / {r['latency_p95']:.2f} s | {r['mean_tokens']:.1f} |")
     ratio = many["tokens_per_s"] / max(one["tokens_per_s"], 1e-9)
     errors = one["errors"] + many["errors"]
