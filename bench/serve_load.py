@@ -2,8 +2,12 @@
 in the same run. Reports requests/s, completion tokens/s, p50/p95 time-to-first-token and latency, and
 errors; the ratio of the two tokens/s figures is what continuous batching buys.
 
-    python bench/serve_load.py                        # runs/demo/sft, 1 client for 20 s, then 32 for 60 s
+    python bench/serve_load.py                  # runs/demo/pretrain, 1 client for 20 s, then 32 for 60 s
     python bench/serve_load.py --run runs/demo/sft --clients 32 --seconds 60
+
+The default model is the demo's base model: it does not stop early, so every reply is --max-tokens long
+and every request does the same work (the role of `ignore_eos` in vLLM's benchmark_serving). The SFT
+model's replies end after ~11 tokens, so there prefilling the ~30-token prompts is most of the work.
 
 Stops by itself: no new request starts after the phase's time is up, and requests in flight then finish
 (each is capped by --max-tokens). Goal (the serving issue): 0 errors, and tokens/s at 32 clients at least
@@ -90,7 +94,8 @@ async def phase(url: str, model: str, clients: int, seconds: float, max_tokens: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", default=str(REPO / "runs" / "demo" / "sft"), help="chat model run folder")
+    parser.add_argument("--run", default=str(REPO / "runs" / "demo" / "pretrain"),
+                        help="model run folder (default: the demo's base model)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the many-clients phase")
     parser.add_argument("--single-seconds", type=float, default=20.0, help="length of the one-client phase")
@@ -117,7 +122,9 @@ def main() -> None:
         print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
               f"{args.run}, max_tokens {args.max_tokens}, temperature 0.8, streaming, loopback")
         one = asyncio.run(phase(url, "chat", 1, args.single_seconds, args.max_tokens))
+        engine_one = httpx.get(f"{url}/health").json()["models"]["chat"]
         many = asyncio.run(phase(url, "chat", args.clients, args.seconds, args.max_tokens))
+        engine_all = httpx.get(f"{url}/health").json()["models"]["chat"]
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -127,6 +134,11 @@ def main() -> None:
         print(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
               f"| {r['tokens_per_s']:.0f} | {r['ttft_p50'] * 1000:.0f} / {r['ttft_p95'] * 1000:.0f} ms "
               f"| {r['latency_p50']:.2f} / {r['latency_p95']:.2f} s | {r['mean_tokens']:.1f} |")
+    for r, (before, after) in ((one, ({}, engine_one)), (many, (engine_one, engine_all))):
+        steps = after["decode_steps"] - before.get("decode_steps", 0)
+        print(f"engine, {r['clients']} client(s): {steps} decode steps, "
+              f"{after['prefills'] - before.get('prefills', 0)} prefills, busy "
+              f"{(after['busy_seconds'] - before.get('busy_seconds', 0)) / r['seconds']:.0%} of the time")
     ratio = many["tokens_per_s"] / max(one["tokens_per_s"], 1e-9)
     errors = one["errors"] + many["errors"]
     print(f"tokens/s at {args.clients} clients = {ratio:.1f}x one client's (goal >= 5x): "
