@@ -39,6 +39,7 @@ class Request:
     tokens: list[int] = field(default_factory=list)  # the reply so far (a stop token is not kept)
     error: str | None = None  # set when the engine failed on this request (a bug, not the client's doing)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.perf_counter)
 
     @property
     def completion_tokens(self) -> int:
@@ -101,6 +102,7 @@ class Engine:
         self.context = model.cfg.context
         self.stop_ids = default_stop_ids(tok)
         self.max_batch, self.max_pending = max_batch, max_pending
+        self.prefill_group, self.prefill_wait = 8, 0.05  # see _admit_now
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.rows: list[Row] = []
@@ -156,7 +158,9 @@ class Engine:
                             r.emit("", "cancelled")
                         return
                     room = self.max_batch - len(self.rows)
-                    joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+                    joining = []
+                    if self._admit_now(room):
+                        joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
                 started = time.perf_counter()
                 try:
                     self.step(joining)
@@ -167,6 +171,15 @@ class Engine:
                         r.emit("", "error")
                     self.rows, self.cache, self.real = [], None, None
                 self.busy_seconds += time.perf_counter() - started
+
+    def _admit_now(self, room: int) -> bool:
+        """Prefill newcomers in groups: a prefill costs about as much for 4 prompts as for 1, so while
+        other rows are decoding, wait until a few have gathered or the oldest has waited `prefill_wait`."""
+        if not self.waiting or room <= 0:
+            return False
+        if not self.rows or len(self.waiting) >= min(room, self.prefill_group):
+            return True
+        return time.perf_counter() - self.waiting[0].arrived >= self.prefill_wait
 
     def step(self, joining: list[Request]) -> None:
         """Admit `joining` (prefill, first token), then one decode step for every running row."""
