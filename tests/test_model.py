@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from chatforge.config import load_config
 from chatforge.model.generate import Sampling, generate_ids
-from chatforge.model.transformer import KVCache, ModelConfig, Transformer
+from chatforge.model.transformer import KVCache, ModelConfig, StaticKVCache, Transformer
 from conftest import REPO
 
 
@@ -39,6 +40,26 @@ def test_kv_cache_logits_equal_full_forward():
         pieces = [model(ids[:, :7], cache=cache), model(ids[:, 7:12], cache=cache)]
         pieces += [model(ids[:, t : t + 1], cache=cache) for t in range(12, 20)]
         assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5), style
+
+
+def test_static_cache_logits_equal_full_forward():
+    """The preallocated cache (what the compiled decode uses) computes the same function."""
+    for style in ("gpt2", "llama"):
+        model = small(style)
+        ids = torch.randint(0, 97, (2, 20))
+        cache = StaticKVCache(model.cfg, 2, torch.device("cpu"))
+        pieces = [model(ids[:, :7], cache=cache)] + [model(ids[:, t : t + 1], cache=cache) for t in range(7, 20)]
+        assert torch.allclose(torch.cat(pieces, dim=1), model(ids), atol=1e-5), style
+        assert int(cache.position) == 20
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    model = small("llama")
+    greedy = Sampling(temperature=0, max_new_tokens=40)
+    eager = list(generate_ids(model, [5, 17, 42], greedy))
+    assert list(generate_ids(model, [5, 17, 42], greedy, compile=True)) == eager and len(eager) == 40
+    with pytest.raises(ValueError):
+        list(generate_ids(model, [5], greedy, use_cache=False, compile=True))
 
 
 def test_greedy_generation_with_cache_equals_without():

@@ -28,7 +28,7 @@ def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> list[dict]
 
 
 def chat_loop(model: Transformer, tok: Tokenizer, s: Sampling, read: Callable[[str], str] = input,
-              out: TextIO = sys.stdout, system: str | None = None) -> list[dict]:
+              out: TextIO = sys.stdout, system: str | None = None, compile: bool = False) -> list[dict]:
     """Run the REPL until /quit or end of input; returns the conversation as it stood."""
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
@@ -59,7 +59,7 @@ def chat_loop(model: Transformer, tok: Tokenizer, s: Sampling, read: Callable[[s
         messages = fit_context(tok, messages, model.cfg.context - s.max_new_tokens)
         out.write("assistant> ")
         pieces = []
-        for piece in stream_text(model, tok, render_chat(messages, add_generation_prompt=True), s):
+        for piece in stream_text(model, tok, render_chat(messages, add_generation_prompt=True), s, compile=compile):
             pieces.append(piece)
             out.write(piece)
             out.flush()

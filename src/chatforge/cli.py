@@ -59,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model, tok = load_run_model(args.run), load_tokenizer(args.run)
     sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tok, args.prompt, sampling_from(args)):
+    for piece in stream_text(model, tok, args.prompt, sampling_from(args), compile=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -70,7 +70,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.model.io import load_run_model
     from chatforge.tokenizer import load_tokenizer
 
-    chat_loop(load_run_model(args.run), load_tokenizer(args.run), sampling_from(args), system=args.system)
+    chat_loop(load_run_model(args.run), load_tokenizer(args.run), sampling_from(args), system=args.system,
+              compile=args.compile)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -250,6 +251,9 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--stop", action="append", help="stop string (repeatable), not printed")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable output")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the one-token decode step (torch.compile over a preallocated KV cache): "
+                   "seconds to start, then faster per token")
 
 
 def add_run_flags(p: argparse.ArgumentParser, example_config: str, default_out: str) -> None:

@@ -5,13 +5,14 @@ The prompt is run once (prefill) to fill the cache; then each new token costs on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
 
-from chatforge.model.transformer import KVCache, Transformer
+from chatforge.model.transformer import KVCache, StaticKVCache, Transformer
 from chatforge.tokenizer import EOT, IM_END, decode, encode
 
 
@@ -43,11 +44,26 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decoder(model: Transformer) -> Callable:
+    """`model` compiled for one-token steps over a StaticKVCache (same shapes every step: traced once).
+    On a CPU most of an eager step of a small model is per-operation overhead, which the compiled graph
+    removes. `freezing` folds the weights in as constants, so this is for inference: a model trained
+    after its first compiled step must be compiled again (`_compiled.pop(model)`)."""
+    if model not in _compiled:
+        _compiled[model] = torch.compile(model, fullgraph=True, dynamic=False,
+                                         options={"freezing": True, "cpp_wrapper": True})
+    return _compiled[model]
+
+
 @torch.no_grad()
 def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_ids: set[int] | None = None,
-                 use_cache: bool = True) -> Iterator[int]:
+                 use_cache: bool = True, compile: bool = False) -> Iterator[int]:
     """Yield new token ids one at a time, until a stop id, max_new_tokens, or the context is full.
-    A prompt longer than the context keeps its last tokens, leaving room for the reply."""
+    A prompt longer than the context keeps its last tokens, leaving room for the reply.
+    compile=True: a preallocated cache and a compiled decode step (the first call compiles, seconds)."""
     context = model.cfg.context
     room = max(1, min(s.max_new_tokens, context // 2))
     ids = list(prompt_ids)[-(context - room):] if len(prompt_ids) > context - room else list(prompt_ids)
@@ -58,11 +74,18 @@ def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_id
     if s.seed is not None:
         generator = torch.Generator(device=device).manual_seed(s.seed)
     cache = KVCache(model.cfg.n_layer) if use_cache else None
+    step = model
+    if compile and not use_cache:
+        raise ValueError("compile=True needs the KV cache")
+    if compile:
+        cache = StaticKVCache(model.cfg, 1, device, next(model.parameters()).dtype)
     inputs = torch.tensor([ids], device=device)
     for _ in range(s.max_new_tokens):
         if len(ids) >= context:
             return
-        logits = model(inputs if use_cache else torch.tensor([ids], device=device), cache=cache)[:, -1, :]
+        logits = step(inputs if use_cache else torch.tensor([ids], device=device), cache=cache)[:, -1, :]
+        if compile:  # the prompt ran eager (its length varies); every later step is one token: compiled
+            step = compiled_decoder(model)
         token = int(sample_next(logits, s, generator))
         if stop_ids and token in stop_ids:
             return
@@ -152,11 +175,11 @@ class TextStream:
 
 
 def stream_text(model: Transformer, tok: Tokenizer, prompt: str, s: Sampling,
-                stop_ids: set[int] | None = None) -> Iterator[str]:
+                stop_ids: set[int] | None = None, compile: bool = False) -> Iterator[str]:
     """Yield pieces of the reply as they are decided (see TextStream)."""
     stop_ids = default_stop_ids(tok) if stop_ids is None else stop_ids
     stream = TextStream(tok, s.stop)
-    for token in generate_ids(model, encode(tok, prompt), s, stop_ids):
+    for token in generate_ids(model, encode(tok, prompt), s, stop_ids, compile=compile):
         piece = stream.push(token)
         if piece:
             yield piece

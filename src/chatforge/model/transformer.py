@@ -137,6 +137,25 @@ class KVCache:
         return k, v
 
 
+class StaticKVCache:
+    """A KV cache with room for the whole context allocated up front, and the next position as a tensor.
+    Every decode step then has the same shapes and no Python-side state changes, so `torch.compile` traces
+    it once and replays it (the compiled decode of `generate_ids(compile=True)`). Unwritten slots are
+    masked out; `position` advances at the end of each forward pass."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype = torch.float32):
+        shape = (batch, cfg.kv_heads, cfg.context, cfg.d_model // cfg.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        slots = self.position + torch.arange(k.shape[2], device=k.device)
+        self.keys[layer].index_copy_(2, slots, k)
+        self.values[layer].index_copy_(2, slots, v)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -250,12 +269,16 @@ class Transformer(nn.Module):
         `real` (B, cached + T), for left-padded batches: True at real tokens. Positions then count real
         tokens only and no token attends to a pad, so a row's numbers do not depend on its padding."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        static = isinstance(cache, StaticKVCache)
+        start = cache.length if cache is not None and not static else 0
         if start + T > self.cfg.context:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context})")
         x = self.tok_emb(idx)
         positions = torch.arange(start, start + T, device=idx.device)
         mask = None
+        if static:  # positions from the cache's tensor; attend to written slots up to one's own position
+            positions = cache.position + positions
+            mask = (torch.arange(self.cfg.context, device=idx.device) <= positions[:, None])[None, None]
         if real is not None:
             positions = (real.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
             keys = torch.arange(start + T, device=idx.device)
@@ -265,13 +288,17 @@ class Transformer(nn.Module):
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
-        elif real is None:
+        elif real is None and not static:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        elif real is None:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         else:
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, cache, mask)
+        if static:
+            cache.position += T  # after every layer has written its keys and values at the old position
         x = self.norm(x)
         if return_hidden:
             return x
