@@ -148,5 +148,6 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
     chat_run = out / align[0] if align else out / "sft"
     print(f"== demo done in {r['total_seconds']:.0f}s; numbers in {out}/results.json. Chat with it:\n"
-          f"   .venv/bin/chatforge chat --run {chat_run}")
+          f"   .venv/bin/chatforge chat --run {chat_run}\n"
+          f"   .venv/bin/chatforge serve --run {out}     # web chat + arena of every model: http://127.0.0.1:8000/")
     return r
