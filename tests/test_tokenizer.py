@@ -86,3 +86,13 @@ def test_streaming_never_emits_half_a_chinese_character(tokenizer_dir, monkeypat
     assert len(pieces) > 10  # streamed as it came, not all at the end
     cut = list(gen.stream_text(None, tok, "prompt", gen.Sampling(stop=["思故"])))
     assert "".join(cut) == "举头望明月，低头"
+
+
+def test_a_reply_cut_inside_a_character_ends_without_the_half_character(tokenizer_dir, monkeypatch):
+    import chatforge.model.generate as gen
+
+    tok = load_tokenizer(tokenizer_dir)
+    ids = byte_token_ids(tok, "明月光")[:-1]  # max_new_tokens ends the reply one byte short of 光
+    monkeypatch.setattr(gen, "generate_ids", lambda *args, **kwargs: iter(ids))
+    assert decode(tok, ids).endswith("\ufffd")
+    assert "".join(gen.stream_text(None, tok, "prompt", gen.Sampling())) == "明月"
