@@ -254,3 +254,25 @@ def test_an_engine_failure_ends_its_requests_with_an_error_not_a_hang(tokenizer_
             assert http.post("/v1/chat/completions", json=body).status_code == 200  # and it serves again
     finally:
         engine.close()
+
+
+def test_serve_command_errors_are_clear(tmp_path, capsys):
+    import socket
+
+    from chatforge.cli import main
+
+    def error_of(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["serve", *args])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    assert "is not a folder" in error_of("--run", str(tmp_path / "missing"))
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "reward.json").write_text("{}")
+    assert "cannot chat" in error_of("--run", str(tmp_path / "rm"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert f"cannot listen on 127.0.0.1:{port}" in error_of("--run", str(tmp_path / "rm"), "--port", port)

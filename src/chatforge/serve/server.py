@@ -49,12 +49,25 @@ def load_engines(specs: list[str], max_batch: int, max_pending: int) -> dict:
             for name, folder in run_folders(specs).items()}
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before loading any model when the address cannot be had."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise ChatforgeError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+
+
 def serve(specs: list[str], host: str, port: int, api_key: str | None, max_batch: int, max_pending: int,
           max_body_bytes: int) -> None:
     import uvicorn
 
     from chatforge.serve.api import Limits, create_app
 
+    check_port(host, port)
     engines = load_engines(specs, max_batch, max_pending)
     app = create_app(engines, api_key, Limits(max_body_bytes=max_body_bytes))
     where = f"http://{host}:{port}"
