@@ -58,7 +58,8 @@ def check_port(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
-        raise ChatforgeError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+        raise ChatforgeError(f"cannot listen on {host}:{port} ({e.strerror}); "
+                             "choose another --port or --host") from None
 
 
 def serve(specs: list[str], host: str, port: int, api_key: str | None, max_batch: int, max_pending: int,
