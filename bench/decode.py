@@ -6,7 +6,9 @@ re-runs the whole sequence for every token (no cache), and against Hugging Face 
     python bench/decode.py                      # the demo model's shape, random weights, ~1 minute
     python bench/decode.py --run runs/demo/sft  # a trained run
 
-Every row generates exactly --new tokens after a --prompt-token prompt (no early stop), fp32, eval mode.
+Every row generates exactly --new tokens after a --prompt-token prompt (no early stop), eval mode, in
+--dtype (fp32 or bf16; transformers runs in the same). Each figure is the median of --repeats runs taken
+in turns with the others, as this shared machine's speed drifts.
 Goal (the serving issue): at least 3x transformers' tokens/s at batch 1 on CPU. A benchmark, not a
 test: it prints the ratios and exits 0.
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,13 +34,16 @@ from chatforge.model.transformer import Transformer
 REPO = Path(__file__).resolve().parents[1]
 
 
-def best_of(fn, repeats: int) -> float:
-    times = []
+def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds per call of each function, the median of `repeats`, taken in turns (a, b, c, a, b, c, ...)
+    so that a slow spell of a shared machine falls on every contender alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -44,7 +51,8 @@ def main() -> None:
     parser.add_argument("--run", help="a run folder (default: the demo config's shape, random weights)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="both libraries run in it")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.run:
@@ -58,19 +66,17 @@ def main() -> None:
     prompts = torch.randint(0, cfg.vocab_size, (16, args.prompt_tokens)).tolist()
     print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {model.num_params():,} params ({cfg.style}), prompt {args.prompt_tokens}, "
-          f"{args.new} new tokens, greedy, fp32")
+          f"{args.new} new tokens, greedy, {args.dtype}, median of {args.repeats} interleaved runs")
 
-    rows: list[tuple[str, int, float]] = []
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = model.to(dtype)
+    runs: dict[str, tuple[int, Callable[[], object]]] = {
+        "chatforge, KV cache": (1, lambda: list(generate_ids(model, prompts[0], s, never))),
+        "chatforge, compiled, static cache": (1, lambda: list(generate_ids(model, prompts[0], s, never, compile=True))),
+        "chatforge, KV cache, batched": (16, lambda: generate_batch(model, prompts, s, never, pad_token=0)),
+    }
     with torch.no_grad():
-        t = best_of(lambda: list(generate_ids(model, prompts[0], s, never)), args.repeats)
-        rows.append(("chatforge, KV cache", 1, args.new / t))
-        list(generate_ids(model, prompts[0], s, never, compile=True))  # compiles (seconds), not timed
-        t = best_of(lambda: list(generate_ids(model, prompts[0], s, never, compile=True)), args.repeats)
-        rows.append(("chatforge, compiled, static cache", 1, args.new / t))
-        t = best_of(lambda: list(generate_ids(model, prompts[0], s, never, use_cache=False)), 1)
-        rows.append(("naive loop, no cache", 1, args.new / t))
-        t = best_of(lambda: generate_batch(model, prompts, s, never, pad_token=0), args.repeats)
-        rows.append(("chatforge, KV cache, batched", 16, 16 * args.new / t))
+        list(generate_ids(model, prompts[0], s, never, compile=True))  # compiles (seconds to a minute), not timed
         try:
             import transformers
         except ImportError:
@@ -80,17 +86,21 @@ def main() -> None:
             hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf_table(model)))
             hf.load_state_dict(to_hf_tensors(model), strict=False)  # a tied lm_head is not a tensor of its own
             hf.tie_weights()
-            hf.eval()
+            hf.to(dtype).eval()
             gap = (hf(torch.tensor(prompts[:2])).logits - model(torch.tensor(prompts[:2]))).abs().max().item()
             print(f"same weights: largest logit difference, transformers vs chatforge, {gap:.1e}")
             for batch in (1, 16):
                 x = torch.tensor(prompts[:batch])
-                t = best_of(lambda x=x: hf.generate(x, max_new_tokens=args.new, min_new_tokens=args.new,
-                                                    do_sample=False, pad_token_id=0), args.repeats)
-                rows.append(("transformers generate()", batch, batch * args.new / t))
+                runs[f"transformers generate() b{batch}"] = (batch, lambda x=x: hf.generate(
+                    x, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0))
+        seconds = interleaved_medians({name: fn for name, (_, fn) in runs.items()}, args.repeats)
+        naive = args.new / interleaved_medians(
+            {"naive": lambda: list(generate_ids(model, prompts[0], s, never, use_cache=False))}, 1)["naive"]
+    rows = [(name.removesuffix(f" b{batch}"), batch, batch * args.new / seconds[name])
+            for name, (batch, _) in runs.items()]
+    rows.insert(2, ("naive loop, no cache", 1, naive))
 
     base = {b: tps for name, b, tps in rows if name.startswith("transformers")}
-    naive = rows[2][2]
     print(f"{'generator':<32}{'batch':>6}{'tokens/s':>12}{'vs naive':>10}{'vs transformers':>17}")
     for name, batch, tps in rows:
         vs_hf = f"{tps / base[batch]:.2f}x" if batch in base else "-"

@@ -50,11 +50,12 @@ _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_decoder(model: Transformer) -> Callable:
     """`model` compiled for one-token steps over a StaticKVCache (same shapes every step: traced once).
     On a CPU most of an eager step of a small model is per-operation overhead, which the compiled graph
-    removes. `freezing` folds the weights in as constants, so this is for inference: a model trained
+    removes. `freezing` folds the weights in as constants (and `max_autotune` times a few matrix-product kernels for
+each shape, then keeps the fastest), so this is for inference: a model trained
     after its first compiled step must be compiled again (`_compiled.pop(model)`)."""
     if model not in _compiled:
         _compiled[model] = torch.compile(model, fullgraph=True, dynamic=False,
-                                         options={"freezing": True, "cpp_wrapper": True})
+                                         options={"freezing": True, "cpp_wrapper": True, "max_autotune": True})
     return _compiled[model]
 
 
