@@ -100,14 +100,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the many-clients phase")
     parser.add_argument("--single-seconds", type=float, default=20.0, help="length of the one-client phase")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's --dtype")
     args = parser.parse_args()
     if not (Path(args.run) / "model.json").is_file():
         sys.exit(f"{args.run}: no chat model here; run `make demo` first or pass --run")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--run", f"chat={args.run}", "--port",
-                               str(port), "--max-batch", str(args.clients), "--max-concurrent", str(2 * args.clients)],
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    command = [sys.executable, "-m", "chatforge", "serve", "--run", f"chat={args.run}", "--port", str(port),
+               "--max-batch", str(args.clients), "--max-concurrent", str(2 * args.clients), "--dtype", args.dtype]
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.time() + 60
         while True:
@@ -120,7 +121,7 @@ def main() -> None:
                 sys.exit("the server did not start")
             time.sleep(0.2)
         print(f"{datetime.date.today()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-              f"{args.run}, max_tokens {args.max_tokens}, temperature 0.8, streaming, loopback")
+              f"{args.run}, {args.dtype}, max_tokens {args.max_tokens}, temperature 0.8, streaming, loopback")
         one = asyncio.run(phase(url, "chat", 1, args.single_seconds, args.max_tokens))
         engine_one = httpx.get(f"{url}/health").json()["models"]["chat"]
         many = asyncio.run(phase(url, "chat", args.clients, args.seconds, args.max_tokens))

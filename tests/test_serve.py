@@ -276,3 +276,22 @@ def test_serve_command_errors_are_clear(tmp_path, capsys):
         taken.listen()
         port = str(taken.getsockname()[1])
         assert f"cannot listen on 127.0.0.1:{port}" in error_of("--run", str(tmp_path / "rm"), "--port", port)
+
+
+def test_bf16_engine_serves(pretrained):
+    from chatforge.serve.server import load_engines
+
+    engine = load_engines([f"base={pretrained[0]}"], max_batch=4, max_pending=8, dtype="bf16")["base"]
+    done: list = []
+    try:
+        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        request = Request(encode(engine.tok, "And God said"), Sampling(temperature=0, max_new_tokens=12),
+                          lambda p, f: f and done.append(f))
+        engine.submit(request)
+        deadline = time.time() + 30
+        while not done and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.close()
+    assert done in (["length"], ["stop"]) and 1 <= request.completion_tokens <= 12
+    assert engine.cache is None and engine.steps >= 1  # it decoded, then the row left the batch

@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from chatforge.serve.server import serve
 
     serve(args.run, args.host, args.port, args.api_key or os.environ.get("CHATFORGE_API_KEY"), args.max_batch,
-          args.max_concurrent, args.max_body_bytes)
+          args.max_concurrent, args.max_body_bytes, args.dtype)
 
 
 def score_on_task(stage: str, prompts: str, runs: dict[str, str]) -> dict:
@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="running + waiting requests per model; more get 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="weights and KV cache in fp32 (default, exact) or bf16 (half the memory traffic)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text from a trained model, streamed")
