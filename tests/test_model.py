@@ -55,9 +55,12 @@ def test_static_cache_logits_equal_full_forward():
 
 def test_compiled_decode_gives_the_eager_tokens():
     model = small("llama")
+    names = set(model.state_dict())
     greedy = Sampling(temperature=0, max_new_tokens=40)
     eager = list(generate_ids(model, [5, 17, 42], greedy))
     assert list(generate_ids(model, [5, 17, 42], greedy, compile=True)) == eager and len(eager) == 40
+    assert list(generate_ids(model, [9, 3], greedy, compile=True)) == list(generate_ids(model, [9, 3], greedy))
+    assert set(model.state_dict()) == names  # the compiled step is kept beside the model, not inside it
     with pytest.raises(ValueError):
         list(generate_ids(model, [5], greedy, use_cache=False, compile=True))
 

@@ -5,7 +5,6 @@ The prompt is run once (prefill) to fill the cache; then each new token costs on
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -44,19 +43,16 @@ def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def compiled_decoder(model: Transformer) -> Callable:
     """`model` compiled for one-token steps over a StaticKVCache (same shapes every step: traced once).
     On a CPU most of an eager step of a small model is per-operation overhead, which the compiled graph
-    removes. `freezing` folds the weights in as constants (and `max_autotune` times a few matrix-product kernels for
-each shape, then keeps the fastest), so this is for inference: a model trained
-    after its first compiled step must be compiled again (`_compiled.pop(model)`)."""
-    if model not in _compiled:
-        _compiled[model] = torch.compile(model, fullgraph=True, dynamic=False,
-                                         options={"freezing": True, "cpp_wrapper": True, "max_autotune": True})
-    return _compiled[model]
+    removes. `freezing` folds the weights in as constants (and `max_autotune` times a few matrix-product
+    kernels for each shape, then keeps the fastest), so this is for inference: a model trained after its
+    first compiled step must be compiled again (`del model.compiled_decode`)."""
+    if "compiled_decode" not in model.__dict__:  # a plain attribute: not a submodule, not in the state dict
+        model.__dict__["compiled_decode"] = torch.compile(
+            model, fullgraph=True, dynamic=False, options={"freezing": True, "cpp_wrapper": True, "max_autotune": True})
+    return model.__dict__["compiled_decode"]
 
 
 @torch.no_grad()
@@ -92,7 +88,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_id
             return
         ids.append(token)
         yield token
-        inputs = torch.tensor([[token]], device=device)
+        inputs = torch.full((1, 1), token, device=device)
 
 
 @torch.no_grad()
