@@ -230,7 +230,7 @@ def test_busy_server_answers_429_and_body_limit_413(tokenizer_dir):
             deadline = time.time() + 20
             while engine.load and time.time() < deadline:
                 time.sleep(0.05)
-            ok = http.post("/v1/completions", json={"model": "m", "prompt": "The", "max_tokens": 3})
+            ok = http.post("/v1/completions", json={"model": "m", "prompt": "The", "max_tokens": 3, "temperature": 0})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
     finally:
         engine.close()
