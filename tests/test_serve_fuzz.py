@@ -104,5 +104,6 @@ def test_fuzz_500_hostile_requests_never_5xx(fuzz_app):
     one()
     assert len(statuses) == 500 and len(set(statuses)) >= 4  # the requests really did reach different answers
     good = fuzz_app.post("/v1/chat/completions", headers={"authorization": f"Bearer {KEY}"},
-                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                               "temperature": 0})
     assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
