@@ -91,6 +91,18 @@ def generate_ids(model: Transformer, prompt_ids: list[int], s: Sampling, stop_id
         inputs = torch.full((1, 1), token, device=device)
 
 
+def left_padded(prompts: list[list[int]], pad_token: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one (rows, longest) batch, right-aligned so every row's next token is at the same column,
+    and `real`, True at real tokens (for `Transformer.forward(real=...)`)."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_token, dtype=torch.long, device=device)
+    real = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, device=device)
+        real[i, width - len(p):] = True
+    return ids, real
+
+
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: list[list[int]], s: Sampling, stop_ids: set[int], pad_token: int,
                    generator: torch.Generator | None = None) -> list[tuple[list[int], bool]]:
@@ -102,11 +114,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], s: Sampling, st
     budget = min(s.max_new_tokens, model.cfg.context - width)
     if budget < 1:
         raise ValueError(f"a prompt of {width} tokens leaves no room in the context ({model.cfg.context})")
-    ids = torch.full((len(prompts), width), pad_token, dtype=torch.long, device=device)
-    real = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, device=device)
-        real[i, width - len(p):] = True
+    ids, real = left_padded(prompts, pad_token, device)
     stops = torch.tensor(sorted(stop_ids), device=device)
     cache = KVCache(model.cfg.n_layer)
     ended = torch.zeros(len(prompts), dtype=torch.bool, device=device)

@@ -89,16 +89,16 @@ class Guard:
 
     def __init__(self, app, limit: int, api_key: str | None):
         self.app, self.limit, self.api_key = app, limit, api_key
+        self.too_big = JSONResponse(error_body(f"request body must be at most {limit} bytes", "invalid_request_error"),
+                                    status_code=413)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"0")
-        too_big = JSONResponse(error_body(f"request body must be at most {self.limit} bytes", "invalid_request_error"),
-                               status_code=413)
         if not length.isdigit() or int(length) > self.limit:
-            return await too_big(scope, receive, send)
+            return await self.too_big(scope, receive, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -107,7 +107,7 @@ class Guard:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await too_big(scope, receive, send)
+                return await self.too_big(scope, receive, send)
         if self.api_key and scope["path"].startswith("/v1/"):
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from chatforge.model.generate import Sampling, TextStream, default_stop_ids
+from chatforge.model.generate import Sampling, TextStream, default_stop_ids, left_padded
 from chatforge.model.transformer import KVCache, Transformer
 
 
@@ -196,12 +196,8 @@ class Engine:
         self._advance(sample_rows(logits, self.rows))
 
     def _admit(self, joining: list[Request]) -> None:
-        width = max(len(r.prompt_ids) for r in joining)
-        ids = torch.zeros((len(joining), width), dtype=torch.long, device=self.device)
-        real = torch.zeros((len(joining), width), dtype=torch.bool, device=self.device)
-        for i, r in enumerate(joining):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=self.device)
-            real[i, width - len(r.prompt_ids):] = True
+        ids, real = left_padded([r.prompt_ids for r in joining], 0, self.device)
+        width = ids.shape[1]
         cache = KVCache(self.model.cfg.n_layer)
         logits = self.model(ids, cache=cache, real=real)[:, -1, :]
         self.prefills += 1
