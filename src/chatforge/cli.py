@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.eval.command import add_eval_parser
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -124,7 +125,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise ChatforgeError("training a classifier needs --init RUN, --data FILE.jsonl and --val FILE.jsonl")
     from chatforge.config import load_config
 
-    result = run_classify(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out)
+    result = run_classify(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out,
+                          resume_point(args))
     print(f"classify: held-out accuracy {result['val_accuracy']:.1%} (majority class "
           f"{result['majority_baseline']:.1%}) -> {args.out}")
     labels = result["labels"]
@@ -158,7 +160,8 @@ def cmd_rm(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.reward import run_reward
 
-    result = run_reward(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out, args.margin)
+    result = run_reward(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out, args.margin,
+                        resume_point(args))
     print(f"rm: held-out pairwise accuracy {result['val_accuracy']:.1%} on {result['val_pairs']} pairs -> {args.out}")
 
 
@@ -166,7 +169,8 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.dpo import run_dpo
 
-    result = run_dpo(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out)
+    cfg = load_config(args.config, args.overrides)
+    result = run_dpo(cfg, args.init, args.data, args.val, args.out, resume_point(args))
     print(f"dpo: held-out implicit-reward accuracy {result['val_reward_accuracy']:.1%}, "
           f"margin {result['val_reward_margin']:.3f} -> {args.out}")
 
@@ -241,7 +245,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from chatforge.demo import run_demo
 
     align = ("ppo", "dpo", "grpo") if args.align == "all" else tuple(a for a in args.align.split(",") if a)
-    run_demo(args.out, args.config, args.overrides, align)
+    run_demo(args.out, args.config, args.overrides, align, args.fresh)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -302,11 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="run folder of the model to start from")
     p.add_argument("--data", help="training rows, .jsonl")
     p.add_argument("--val", help="held-out rows, .jsonl (accuracy and confusion matrix)")
-    p.add_argument("--config", help="TOML config (see configs/demo-classify.toml)")
-    p.add_argument("--out", default="runs/default/classify", help="run folder")
     p.add_argument("--run", help="with --predict: the trained classifier's run folder")
     p.add_argument("--predict", nargs="+", metavar="TEXT", help="classify these texts with --run")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.freeze=head")
+    add_run_flags(p, "configs/demo-classify.toml", "runs/default/classify")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("rm", help="train a reward model on preference pairs (or --score responses)",
@@ -316,11 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="training preference pairs, .jsonl")
     p.add_argument("--val", help="held-out preference pairs, .jsonl (pairwise accuracy)")
     p.add_argument("--margin", type=float, default=0.0, help="margin in the Bradley-Terry loss (default 0)")
-    p.add_argument("--config", help="TOML config (e.g. configs/demo-rm.toml)")
-    p.add_argument("--out", default="runs/default/rm", help="run folder")
     p.add_argument("--run", help="with --score: the reward model's run folder")
     p.add_argument("--score", metavar="FILE", help="score {\"prompt\", \"response\"} rows with --run")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200")
+    add_run_flags(p, "configs/demo-rm.toml", "runs/default/rm")
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("dpo", help="direct preference optimisation against the frozen starting model",
@@ -329,9 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="run folder of the policy to start from (the SFT model)")
     p.add_argument("--data", required=True, help="training preference pairs, .jsonl")
     p.add_argument("--val", required=True, help="held-out preference pairs, .jsonl")
-    p.add_argument("--config", help="TOML config")
-    p.add_argument("--out", default="runs/default/dpo", help="run folder")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 dpo.loss=ipo")
+    add_run_flags(p, "configs/demo-dpo.toml", "runs/default/dpo")
     p.set_defaults(func=cmd_dpo)
 
     rl_help = ("rl.prompts_per_rollout, rl.group_size, rl.epochs (minibatch: train.batch_size replies), "
@@ -399,9 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     p.set_defaults(func=cmd_generate)
 
+    add_eval_parser(sub)
+
     p = sub.add_parser("demo", help="the whole pipeline on the bundled demo data")
     p.add_argument("--out", default="runs/demo", help="folder for every stage's run (default runs/demo)")
     p.add_argument("--config", default=None, help="pre-training config (default configs/demo.toml)")
+    p.add_argument("--fresh", action="store_true", help="delete the previous demo run first (by default a complete "
+                   "stage is skipped and an interrupted one resumes)")
     p.add_argument("--align", default="ppo", help="alignment after the reward model: ppo (default), dpo, grpo, "
                    "a comma-separated list, all, or '' for none")
     p.add_argument("overrides", nargs="*", help="dotted overrides for pre-training, e.g. train.steps=100")
@@ -409,10 +411,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that train or build something into --out: their wall time, power and CO2 go to OUT/energy.json.
+MEASURED = {"tokenizer", "prepare", "pretrain", "sft", "classify", "rm", "dpo", "ppo", "grpo"}
+
+
+def energy_meter(args: argparse.Namespace):
+    """eval/energy.measure around a stage that trains into --out (not --predict or --score); a resumed
+    stage adds to the energy it already spent."""
+    import contextlib
+
+    if args.command not in MEASURED or not getattr(args, "out", None):
+        return contextlib.nullcontext()
+    if getattr(args, "predict", None) or getattr(args, "score", None):
+        return contextlib.nullcontext()
+    from chatforge.eval.energy import measure
+
+    return measure(args.command, args.out, accumulate=bool(getattr(args, "resume", False)
+                                                           or getattr(args, "resume_from", None)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with energy_meter(args):
+            args.func(args)
     except ChatforgeError as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -85,7 +85,8 @@ def confusion(model: Classifier, tok, texts, ys, labels, context, device) -> tup
     return sum(matrix[i][i] for i in range(len(labels))) / max(1, len(texts)), matrix
 
 
-def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path) -> dict:
+def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
+                 resume: str | None = None) -> dict:
     out = Path(out)
     tok = load_tokenizer(init)
     texts, ys = load_labelled(data)
@@ -117,7 +118,7 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
 
     stage = Stage(name="classify", next_batch=next_batch, loss=loss, tokens_per_batch=cfg.train.batch_size * 32,
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    train(model, stage, cfg.train, out, config_to_dict(cfg), None)
+    train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
     accuracy, matrix = confusion(model, tok, val_texts, val_ys, labels, context, device)
     majority = max(val_ys.count(label) for label in labels) / len(val_ys)
     model.cpu()

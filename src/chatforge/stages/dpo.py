@@ -59,7 +59,8 @@ def sequence_logprobs(model: torch.nn.Module, examples: list, pad_token: int, de
     return (picked * mask).sum(-1)
 
 
-def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path) -> dict:
+def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
+            resume: str | None = None) -> dict:
     out = Path(out)
     tok = load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)
@@ -103,7 +104,7 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
 
     stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss, tokens_per_batch=cfg.train.batch_size * 80,
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    result = train(model, stage, cfg.train, out, config_to_dict(cfg), None)
+    result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
     save_trained(model, cfg, init, out, "dpo")
     summary = {**result, "pairs": len(pairs), "skipped": skipped}
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")

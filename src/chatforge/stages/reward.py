@@ -73,7 +73,7 @@ def score_pairs(model: Classifier, pairs: list, pad_token: int, device) -> tuple
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
-               margin: float = 0.0) -> dict:
+               margin: float = 0.0, resume: str | None = None) -> dict:
     out = Path(out)
     tok = load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)
@@ -101,7 +101,7 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
                   loss=lambda m, batch: bradley_terry_loss(*score_pairs(m, batch, pad_token, device), margin),
                   tokens_per_batch=cfg.train.batch_size * 64, evaluate=lambda m: {"val_accuracy": accuracy(m)},
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    result = train(model, stage, cfg.train, out, config_to_dict(cfg), None)
+    result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
     model.cpu()
     save_model(model, str(out / "reward.safetensors"))
     meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}

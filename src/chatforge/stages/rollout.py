@@ -161,8 +161,9 @@ def function_scores(fn: Callable[..., float], spec: str, rnd: Round) -> torch.Te
 def model_scores(reward_model: torch.nn.Module, tok: Tokenizer, rnd: Round, chunk: int = 64) -> torch.Tensor:
     """The reward model's score of each (prompt, reply), tokenized exactly as its training pairs were."""
     device = rnd.sequences.device
-    conversations = [tokenize_conversation(tok, as_messages(r["prompt"], t, "rollout"))[0]
-                     for r, t in zip(rnd.rows, rnd.texts, strict=True)]
+    context = reward_model.body.cfg.context  # a long prompt + an unended reply may not fit: keep the end,
+    conversations = [tokenize_conversation(tok, as_messages(r["prompt"], t, "rollout"))[0][-context:]
+                     for r, t in zip(rnd.rows, rnd.texts, strict=True)]  # where the score is read
     out = []
     for i in range(0, len(conversations), chunk):
         x, n = pad_batch(conversations[i : i + chunk], pad_id(tok), device)

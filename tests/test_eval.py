@@ -1,0 +1,145 @@
+"""`chatforge eval` and the demo's bookkeeping: bits per byte (against a direct computation, and held-out:
+a trained model beats the unigram baseline and an untrained one), energy and CO2 arithmetic, run kinds and
+their errors, and the demo's skip/resume of stages."""
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from chatforge.cli import main
+from chatforge.data.shards import load_meta, open_tokens
+from chatforge.demo import run_stage
+from chatforge.errors import ChatforgeError
+from chatforge.eval.bpb import bpb_on_shards, bpb_on_text, token_nll
+from chatforge.eval.energy import measure
+from chatforge.eval.suite import evaluate_policy, require_policy, run_kind
+from chatforge.model.io import load_run_model
+from chatforge.model.transformer import Transformer
+from chatforge.tokenizer import load_tokenizer
+
+
+def test_token_nll_predicts_every_token_once_and_matches_a_direct_computation(pretrained, data_dir):
+    model = load_run_model(pretrained[0])
+    ctx = model.cfg.context
+    tokens = np.asarray(open_tokens(data_dir, "val")[: 3 * ctx + 17]).astype(np.int64)
+    nll, count = token_nll(model, tokens, batch_size=2)  # a short last window, in a batch with a full one
+    assert count == len(tokens) - 1
+    direct = 0.0
+    for start in range(0, len(tokens) - 1, ctx):  # each window on its own, no padding anywhere
+        w = torch.from_numpy(tokens[start : start + ctx + 1])[None]
+        logp = torch.log_softmax(model(w[:, :-1]).float(), -1)
+        direct -= logp[0].gather(-1, w[0, 1:, None]).sum().item()
+    assert nll == pytest.approx(direct, rel=1e-4)
+
+
+def test_held_out_bits_per_byte_beat_the_unigram_baseline_and_an_untrained_model(pretrained, data_dir):
+    model = load_run_model(pretrained[0])
+    meta = load_meta(data_dir)
+    trained = bpb_on_shards(model, data_dir, max_tokens=4096)
+    untrained = bpb_on_shards(Transformer(model.cfg).eval(), data_dir, max_tokens=4096)
+    assert trained["bpb"] < meta["val_unigram_bpb"] < untrained["bpb"]
+    # within a few percent of what pre-training measured on its own val windows
+    assert trained["bpb"] == pytest.approx(pretrained[1]["val_bpb"], rel=0.08)
+
+
+def test_bits_per_byte_of_a_text_file(pretrained, tmp_path):
+    model, tok = load_run_model(pretrained[0]), load_tokenizer(pretrained[0])
+    english = tmp_path / "english.txt"
+    english.write_text("And the LORD said unto Moses, Speak unto the children of Israel.\n" * 4, encoding="utf-8")
+    noise = tmp_path / "noise.txt"
+    noise.write_text("".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(120)), encoding="utf-8")
+    assert bpb_on_text(model, tok, [english])["bpb"] < bpb_on_text(model, tok, [noise])["bpb"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ChatforgeError, match="no text"):
+        bpb_on_text(model, tok, [empty])
+
+
+def test_energy_record_follows_the_documented_equations(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHATFORGE_WATTS_PER_CORE", "8")
+    monkeypatch.setenv("CHATFORGE_GRID_G_PER_KWH", "400")
+    monkeypatch.setenv("CHATFORGE_PUE", "1.5")
+    monkeypatch.setattr("chatforge.eval.energy.read_rapl_uj", lambda: None)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    with measure("pretrain", tmp_path):
+        sum(range(200_000))
+    e = json.loads((tmp_path / "energy.json").read_text())
+    assert e["watts"] == 16 and e["pue"] == 1.5 and "8 W/core" in e["power_source"]
+    assert e["kwh"] == pytest.approx(e["seconds"] / 3600 * 16 * 1.5 / 1000, rel=1e-2)
+    assert e["co2_g"] == pytest.approx(e["kwh"] * 400)
+    first = e["seconds"]
+    with pytest.raises(RuntimeError), measure("pretrain", tmp_path, accumulate=True):  # a crash: time still counts
+        raise RuntimeError("boom")
+    assert json.loads((tmp_path / "energy.json").read_text())["seconds"] >= first
+    with measure("rm", tmp_path / "never-made"):  # a stage that failed before making its folder leaves nothing
+        pass
+    assert not (tmp_path / "never-made").exists()
+    monkeypatch.setenv("CHATFORGE_PUE", "lots")
+    with pytest.raises(ChatforgeError, match="CHATFORGE_PUE"), measure("x", tmp_path):
+        pass
+
+
+def test_rapl_counter_gives_the_average_power(tmp_path, monkeypatch):
+    readings = iter([1_000_000, 3_000_000])  # 2 J
+    monkeypatch.setattr("chatforge.eval.energy.read_rapl_uj", lambda: next(readings))
+    with measure("sft", tmp_path):
+        time.sleep(0.2)
+    e = json.loads((tmp_path / "energy.json").read_text())
+    assert e["power_source"].startswith("RAPL")
+    assert e["watts"] * e["seconds"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_run_kinds_and_the_errors_for_the_wrong_kind(pretrained, tmp_path, capsys):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    (rm / "reward.json").write_text("{}")
+    cls = tmp_path / "classify"
+    cls.mkdir()
+    (cls / "classifier.json").write_text("{}")
+    assert run_kind(pretrained[0]) == "policy" and run_kind(rm) == "reward" and run_kind(cls) == "classifier"
+    with pytest.raises(ChatforgeError, match="reward model"):
+        require_policy(rm)
+    with pytest.raises(ChatforgeError, match="classifier"):
+        require_policy(cls)
+    with pytest.raises(ChatforgeError, match="not a run folder"):
+        run_kind(tmp_path / "rm" / "..")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", str(rm), "--data", "x"])
+    assert e.value.code == 2 and "a reward model" in capsys.readouterr().err
+
+
+def test_eval_of_one_run_from_the_command_line(pretrained, data_dir, capsys):
+    main(["eval", "--run", str(pretrained[0]), "--data", str(data_dir)])
+    out = capsys.readouterr().out
+    bpb = float(out.split("eval: bpb ")[1].split()[0])
+    assert math.isfinite(bpb) and bpb < load_meta(data_dir)["val_unigram_bpb"]
+    assert evaluate_policy(pretrained[0]) == {}  # nothing asked, nothing measured
+    with pytest.raises(SystemExit):
+        main(["eval", "--run", str(pretrained[0])])
+    assert "nothing to measure" in capsys.readouterr().err
+
+
+def test_demo_stages_are_skipped_when_complete_and_resumed_when_interrupted(tmp_path):
+    calls = []
+
+    def stage(resume):
+        calls.append(resume)
+        (tmp_path / "s").mkdir(exist_ok=True)
+        (tmp_path / "s" / "eval.json").write_text('{"val_loss": 1.5}')
+
+    assert run_stage("sft", tmp_path / "s", ["eval.json"], stage) == {"val_loss": 1.5} and calls == [None]
+    assert run_stage("sft", tmp_path / "s", ["eval.json"], stage) == {"val_loss": 1.5} and calls == [None]
+    assert json.loads((tmp_path / "s" / "energy.json").read_text())["stage"] == "sft"
+    (tmp_path / "s" / "eval.json").unlink()
+    (tmp_path / "s" / "checkpoints" / "step_40").mkdir(parents=True)  # interrupted after a checkpoint
+    run_stage("sft", tmp_path / "s", ["eval.json"], stage)
+    assert calls == [None, "latest"]
+    (tmp_path / "s" / "eval.json").unlink()
+    (tmp_path / "s" / "checkpoints" / "step_40").rmdir()
+    (tmp_path / "s" / "half-written.bin").write_text("x")  # interrupted before any checkpoint: start again
+    run_stage("sft", tmp_path / "s", ["eval.json"], stage)
+    assert calls == [None, "latest", None] and not (tmp_path / "s" / "half-written.bin").exists()
