@@ -23,6 +23,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if suite.run_kind(args.run) == "runs":
         from chatforge.eval.energy import measure
 
+        (Path(args.run) / "eval").mkdir(exist_ok=True)
         with measure("eval", Path(args.run) / "eval"):
             report = suite.evaluate_runs(args.run)
         for name, numbers in report["models"].items():

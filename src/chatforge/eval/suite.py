@@ -76,7 +76,7 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
         out["text_bpb"] = bpb_on_text(model, tok, text)["bpb"]
     if prompts:
         e = evaluate_task(model, tok, prompts)
-        out.update(success=e["success"], end_rate=e["end_rate"], task_prompts=e["n"])
+        out.update({k: v for k, v in e.items() if k.startswith("success")}, end_rate=e["end_rate"], task_prompts=e["n"])
         out["samples"] = [s["reply"] for s in e["samples"][:SAMPLES]]
         if reward_model is not None:
             scores = reward_model_scores(model, reward_model, tok, prompts)

@@ -18,10 +18,12 @@ from chatforge.tasks.verse import check
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 64) -> dict:
-    """Success rate (checker) and end-token rate over `rows`; greedy by default so numbers repeat.
+    """Success rate (checker) and end-token rate over `rows`, and success by language (success_en,
+    success_zh, from each row's "kind"); greedy by default so numbers repeat.
     Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>."""
     model.eval()
     successes, ended, samples = 0, 0, []
+    by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
         rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
@@ -29,10 +31,14 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
             ok = done and check(row, text)
             successes += ok
             ended += done
+            tally = by_kind.setdefault(row.get("kind", "all"), [0, 0])
+            tally[0] += ok
+            tally[1] += 1
             if len(samples) < 6:
                 samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
     n = max(1, len(rows))
-    return {"success": successes / n, "end_rate": ended / n, "n": len(rows), "samples": samples}
+    per_kind = {f"success_{k}": s / c for k, (s, c) in sorted(by_kind.items()) if k in ("en", "zh")}
+    return {"success": successes / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
 
 
 def load_prompts(path: str) -> list[dict]:

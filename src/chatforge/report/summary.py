@@ -10,9 +10,10 @@ from __future__ import annotations
 from chatforge.report.load import model_metrics, series, stage_seconds, task_prompt_count
 
 LABELS = {"en": {"tokenizer": "tokenizer", "prepare": "prepare", "pretrain": "pretrain", "sft": "SFT",
-                 "rm": "reward model", "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "classify"},
+                 "rm": "reward model", "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "classify",
+                 "eval": "eval", "energy": "energy"},
           "zh": {"tokenizer": "分词器", "prepare": "数据准备", "pretrain": "预训练", "sft": "SFT", "rm": "奖励模型",
-                 "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "分类"}}
+                 "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "分类", "eval": "评测", "energy": "能耗"}}
 # What to run for a stage that is missing (shown in the HTML/Markdown report, not in the README table).
 COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer",
             "prepare": "chatforge prepare --data CORPUS --tokenizer RUN/tokenizer --out RUN/data",
@@ -22,7 +23,9 @@ COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer"
             "ppo": "chatforge ppo --policy RUN/sft --reward RUN/rm --prompts ... --out RUN/ppo",
             "grpo": "chatforge grpo --init RUN/sft --reward ... --prompts ... --out RUN/grpo",
             "dpo": "chatforge dpo --init RUN/sft --data ... --val ... --out RUN/dpo",
-            "classify": "chatforge classify --init RUN/pretrain --data ... --val ... --out RUN/classify"}
+            "classify": "chatforge classify --init RUN/pretrain --data ... --val ... --out RUN/classify",
+            "eval": "chatforge eval --run RUN",
+            "energy": "chatforge demo --out RUN"}
 # Where each stage's number comes from (the report's "held-out split" column).
 SPLITS = {"tokenizer": "the val documents' tokens (data/val.bin)",
           "prepare": "every document goes to train or val by a hash of its text",
@@ -32,7 +35,9 @@ SPLITS = {"tokenizer": "the val documents' tokens (data/val.bin)",
           "ppo": "held-out task prompts; reward on each round's fresh training prompts",
           "grpo": "held-out task prompts",
           "dpo": "held-out preference pairs (the dpo --val file); held-out task prompts",
-          "classify": "held-out lines (the classify --val file)"}
+          "classify": "held-out lines (the classify --val file)",
+          "eval": "data/bench/wordnet_gloss.jsonl, data/harms/prompts.jsonl, held-out task prompts: none trained on",
+          "energy": "wall time of every stage × estimated power (energy.json)"}
 DASH = "—"
 
 
@@ -263,6 +268,59 @@ def _classify(info: dict, z: bool) -> list[dict]:
                  seconds(stage_seconds(info, "classify"), "zh" if z else "en"))]
 
 
+def _by_model(info: dict, key: str, fmt, names: tuple[str, ...]) -> str:
+    """"base 25.3% / SFT 31.0% / PPO 30.3%" for the models that have `key`."""
+    shown = [f"{'base' if n == 'base' else n.upper()} {fmt(model_metrics(info, n)[key])}" for n in names
+             if key in model_metrics(info, n)]
+    return " / ".join(shown)
+
+
+def _eval(info: dict, z: bool) -> list[dict]:
+    models = tuple(info["eval"].get("models", {}))
+    if not models:
+        return []
+    rows, chance = [], _num(info["eval"].get("chance", {}), "choice")
+    choice = _by_model(info, "choice_accuracy", pct, models)
+    if choice:
+        what = ("WordNet 释义选词(4 选 1,按对数似然),300 题" if z else
+                "which word has this WordNet gloss (4 choices, by log-likelihood), 300 questions")
+        rows.append(_row("eval", what, choice, f"{'随机' if z else 'chance'} {pct(chance)}"))
+    aligned = tuple(n for n in models if n not in ("base", "sft"))
+    win = _by_model(info, "rm_win_rate", pct, ("base", *aligned))
+    if win:
+        what = ("奖励模型判定胜过 SFT 回复的比例(同一批留出提示)" if z else
+                "reward model prefers the model's reply to SFT's, same held-out prompts")
+        rows.append(_row("eval", what, win, "SFT 50%(平局)" if z else "SFT itself 50% (a tie)"))
+    toxic = _by_model(info, "toxic_rate", pct, models)
+    refusal = _by_model(info, "refusal_rate", pct, models)
+    if toxic:
+        harms = info["eval"].get("harms", {}).get("prompts")
+        what = (f"有害探针,{harms} 条提示:含词表脏词的回复比例;应拒绝时的拒绝率" if z else
+                f"harms probe, {harms} prompts: replies with a lexicon term (LDNOOBW); refusal rate where a refusal "
+                "is due")
+        rows.append(_row("eval", what, f"{toxic}; {refusal}",
+                         "玩具模型没有拒绝训练数据" if z else "no refusal data in the demo: 0% is expected",
+                         seconds(stage_seconds(info, "eval"), "zh" if z else "en")))
+    return rows
+
+
+def _energy(info: dict, z: bool) -> list[dict]:
+    energy = info["energy"]
+    if not energy:
+        return []
+    kwh = sum(e.get("kwh", 0) for e in energy.values())
+    co2 = sum(e.get("co2_g", 0) for e in energy.values())
+    secs = sum(e.get("seconds", 0) for e in energy.values())
+    any_e = next(iter(energy.values()))
+    grid, source = any_e.get("grid_g_per_kwh"), any_e.get("power_source", "")
+    what = (f"全部阶段的电能与 CO2({source},电网 {grid:g} g/kWh)" if z else
+            f"energy and CO2 of every stage ({source}; grid {grid:g} g/kWh"
+            + (", the world average)" if grid == 475 else ")"))
+    kettle = "烧开一升水约 93 Wh" if z else "boiling a litre of water: about 93 Wh"
+    result = f"**{1000 * kwh:.1f} Wh**, {co2:.1f} g CO2e"
+    return [_row("energy", what, result, kettle, seconds(secs, "zh" if z else "en"))]
+
+
 def stage_rows(info: dict, lang: str = "en", missing: bool = False) -> list[dict]:
     """The summary rows in README order; with `missing`, one "not run yet" row for each absent stage."""
     z = lang == "zh"
@@ -271,7 +329,8 @@ def stage_rows(info: dict, lang: str = "en", missing: bool = False) -> list[dict
     builders = [("tokenizer", lambda: _tokenizer(info, z)), ("prepare", lambda: _prepare(info, z)),
                 ("pretrain", lambda: _pretrain(info, z)), ("sft", lambda: _sft(info, z, n)),
                 ("rm", lambda: _rm(info, z)), ("ppo", lambda: _ppo(info, z, n)), ("grpo", lambda: _grpo(info, z, n)),
-                ("dpo", lambda: _dpo(info, z)), ("classify", lambda: _classify(info, z))]
+                ("dpo", lambda: _dpo(info, z)), ("classify", lambda: _classify(info, z)),
+                ("eval", lambda: _eval(info, z)), ("energy", lambda: _energy(info, z))]
     rows: list[dict] = []
     for stage, build in builders:
         got = build()
