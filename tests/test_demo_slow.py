@@ -1,5 +1,7 @@
 """The main job at full demo scale (about 12 minutes on 2 cores, with every alignment method): `make test-slow`."""
 
+import json
+
 import pytest
 
 from chatforge.demo import run_demo
@@ -24,3 +26,17 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["grpo_success"] >= r["sft_success"] + 0.03 and 0 <= r["grpo_kl"] < 10.0
     # DPO: held-out implicit-reward accuracy (0 at the start, policy = reference), success kept.
     assert r["dpo_preference_accuracy"] >= 0.65 and r["dpo_success"] >= r["sft_success"]
+    # Evaluation (chatforge eval) and the report, on the same held-out splits.
+    assert abs(r["base_bpb"] - r["val_bpb"]) < 0.05 * r["val_bpb"]  # eval's bits/byte agrees with pre-training's
+    assert r["sft_choice_accuracy"] > r["choice_chance"]  # WordNet glosses: a little above chance
+    assert r["base_rm_win_rate"] < 0.25  # the reward model prefers SFT's replies to the base model's
+    assert r["sft_toxic_rate"] == 0.0 and r["ppo_toxic_rate"] == 0.0
+    demo = tmp_path / "demo"
+    for stage in ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "dpo", "grpo", "classify", "eval"):
+        energy = json.loads((demo / stage / "energy.json").read_text())
+        assert energy["seconds"] > 0 and energy["co2_g"] == pytest.approx(energy["kwh"] * energy["grid_g_per_kwh"])
+    html = (demo / "report" / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 7 and "not run yet" not in html
+    # Run again: every stage is complete, so only eval and report run.
+    again = run_demo(demo, align=("ppo", "dpo", "grpo"))
+    assert again["total_seconds"] < 0.25 * r["total_seconds"] and again["sft_success"] == r["sft_success"]

@@ -280,6 +280,12 @@ def _eval(info: dict, z: bool) -> list[dict]:
     if not models:
         return []
     rows, chance = [], _num(info["eval"].get("chance", {}), "choice")
+    bpb = _by_model(info, "bpb", lambda x: num(x, 3), models)
+    if bpb:
+        what = ("每个模型在验证集文档上的每字节比特数(前 32,768 个词元)" if z else
+                "bits per byte of every model on the val documents (first 32,768 tokens)")
+        rows.append(_row("eval", what, bpb, "对齐让模型忘掉一部分语料" if z else "fine-tuning trades corpus fit "
+                         "for chat: the alignment tax"))
     choice = _by_model(info, "choice_accuracy", pct, models)
     if choice:
         what = ("WordNet 释义选词(4 选 1,按对数似然),300 题" if z else
