@@ -39,4 +39,5 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert html.count("data:image/png;base64,") >= 7 and "not run yet" not in html
     # Run again: every stage is complete, so only eval and report run.
     again = run_demo(demo, align=("ppo", "dpo", "grpo"))
-    assert again["total_seconds"] < 0.25 * r["total_seconds"] and again["sft_success"] == r["sft_success"]
+    assert again["this_run_seconds"] < 0.25 * r["this_run_seconds"] and again["sft_success"] == r["sft_success"]
+    assert again["total_seconds"] == pytest.approx(r["total_seconds"], rel=0.1)  # what the run cost is kept
