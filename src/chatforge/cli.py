@@ -254,6 +254,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"report: {path}: results table {'updated' if changed else 'already up to date'}")
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from chatforge.train.checkpoint import consolidate
+
+    src = Path(args.checkpoint)
+    out = consolidate(src, args.out or src.with_name(src.name + "-full"))
+    print(f"consolidate: {src} (sharded) -> {out}: one process resumes it with --resume-from {out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from chatforge.demo import run_demo
 
@@ -419,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "<!-- results:start --> and <!-- results:end --> lines of these files (*.zh*.md in Chinese)")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("consolidate", help="a sharded (FSDP) checkpoint as one single-process checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a sharded checkpoint folder, e.g. runs/x/checkpoints/step_200")
+    p.add_argument("--out", help="where to write it (default: beside it, STEP-full)")
+    p.set_defaults(func=cmd_consolidate)
+
     p = sub.add_parser("demo", help="the whole pipeline on the bundled demo data")
     p.add_argument("--out", default="runs/demo", help="folder for every stage's run (default runs/demo)")
     p.add_argument("--config", default=None, help="pre-training config (default configs/demo.toml)")
@@ -452,9 +465,16 @@ def energy_meter(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints; errors still go to stderr
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
         with energy_meter(args):
             args.func(args)
+        from chatforge.train.distributed import teardown
+
+        teardown()
     except ChatforgeError as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -44,6 +44,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # steps with a non-finite loss or gradient skipped before the run stops
+    parallel: str = "none"  # none | ddp | fsdp (under torchrun; batch_size is then the global micro-batch)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     freeze: str = "none"  # classification: head (train only the head) | last_n (head + last n_train_layers) | none
     n_train_layers: int = 1
 
@@ -91,7 +93,7 @@ class Config:
 
 # Keys that may differ between a run and its resumption without changing what is computed.
 RESUME_SAFE_KEYS = {"train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-                    "train.compile", "train.steps",
+                    "train.compile", "train.steps", "train.parallel",  # ranks change speed, not the numbers
                     "train.max_bad_steps"}
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import IM_END, IM_START, PAD
+from chatforge.train.distributed import rank_slice
 
 ROLES = ("system", "user", "assistant")
 
@@ -110,7 +111,8 @@ def pad_batch(sequences: list[list[int]], pad_token: int, device) -> tuple[torch
 
 class ExampleSampler:
     """Random batches of examples; batch i comes from an RNG seeded by (seed, i), so `position` is the
-    whole state to checkpoint."""
+    whole state to checkpoint. Under torchrun every rank draws the same global batch and keeps its own
+    stride of it (train/distributed.rank_slice)."""
 
     def __init__(self, n: int, batch_size: int, seed: int):
         self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, 0
@@ -118,7 +120,7 @@ class ExampleSampler:
     def next_indices(self) -> list[int]:
         rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
-        return rng.choice(self.n, size=min(self.batch_size, self.n), replace=False).tolist()
+        return rank_slice(rng.choice(self.n, size=min(self.batch_size, self.n), replace=False).tolist())
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed}

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from chatforge.data.readers import iter_corpus
 from chatforge.errors import ChatforgeError
 from chatforge.tokenizer import EOT, load_tokenizer
+from chatforge.train.distributed import rank_slice
 
 
 def is_val_document(text: str, val_fraction: float) -> bool:
@@ -131,7 +132,8 @@ class WindowSampler:
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
-        starts = rng.integers(0, len(self.tokens) - self.context - 1, size=self.batch_size)
+        # every rank draws the same global batch and keeps its own stride (train/distributed.rank_slice)
+        starts = rank_slice(rng.integers(0, len(self.tokens) - self.context - 1, size=self.batch_size))
         windows = np.stack([self.tokens[s : s + self.context + 1] for s in starts]).astype(np.int64)
         return windows[:, :-1], windows[:, 1:]
 

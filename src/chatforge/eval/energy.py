@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.train import distributed as dist
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0")
 DEFAULTS = {"CHATFORGE_WATTS_PER_CORE": 10.0, "CHATFORGE_GRID_G_PER_KWH": 475.0, "CHATFORGE_PUE": 1.0}
@@ -120,6 +121,9 @@ def measure(stage: str, folder: str | Path, accumulate: bool = False):
             per_core = setting("CHATFORGE_WATTS_PER_CORE")
             watts, source = per_core * cores, f"estimate: {per_core:g} W/core × {cores} cores"
         device = f"CPU: {cpu_name()}, {cores} threads"
+        world = dist.rank_world()[1]
+        if world > 1:  # under torchrun every rank draws its own power; rank 0 writes for all
+            watts, source, device = watts * world, f"{source}, × {world} ranks", f"{world} × {device}"
         if gpu:
             gpu.done.set()
             gpu.join()
@@ -132,7 +136,7 @@ def measure(stage: str, folder: str | Path, accumulate: bool = False):
             total = previous["seconds"] + seconds
             watts = (previous["watts"] * previous["seconds"] + watts * seconds) / max(total, 1e-9)
             seconds = total
-        if folder.is_dir():  # not when the stage failed before it made its folder (bad input)
+        if folder.is_dir() and dist.is_main():  # not when the stage failed before it made its folder
             record = co2_record(stage, seconds, watts, device, source)
             (folder / "energy.json").write_text(json.dumps(record, indent=2) + "\n")
 

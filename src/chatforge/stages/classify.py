@@ -24,6 +24,7 @@ from chatforge.model.lora import apply_lora
 from chatforge.model.transformer import Transformer
 from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main
 from chatforge.train.loop import Stage, train
 
 
@@ -122,12 +123,14 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     accuracy, matrix = confusion(model, tok, val_texts, val_ys, labels, context, device)
     majority = max(val_ys.count(label) for label in labels) / len(val_ys)
     model.cpu()
-    save_model(model, str(out / "classifier.safetensors"))
-    meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve())}
-    (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
-    copy_tokenizer(init, out)
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        save_model(model, str(out / "classifier.safetensors"))
+        meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve())}
+        (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+        copy_tokenizer(init, out)
     summary = {"val_accuracy": accuracy, "majority_baseline": majority, "labels": labels, "confusion": matrix}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -26,6 +26,7 @@ from chatforge.stages.reward import load_pairs
 from chatforge.stages.sft import save_trained
 from chatforge.tokenizer import load_tokenizer
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main
 from chatforge.train.loop import Stage, train
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
@@ -105,7 +106,9 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
     stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss, tokens_per_batch=cfg.train.batch_size * 80,
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    save_trained(model, cfg, init, out, "dpo")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        save_trained(model, cfg, init, out, "dpo")
     summary = {**result, "pairs": len(pairs), "skipped": skipped}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

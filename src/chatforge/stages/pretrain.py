@@ -15,6 +15,7 @@ from chatforge.model.io import save_model_files
 from chatforge.model.transformer import Transformer
 from chatforge.tokenizer import copy_tokenizer
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main
 from chatforge.train.loop import Stage, train
 
 
@@ -71,9 +72,11 @@ def run_pretrain(cfg: Config, out: str | Path, resume: str | None = None) -> dic
         load_data_state=sampler.load_state_dict,
     )
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    save_model_files(model.cpu(), out, {"stage": "pretrain"})
-    copy_tokenizer(data_dir, out)
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        save_model_files(model.cpu(), out, {"stage": "pretrain"})
+        copy_tokenizer(data_dir, out)
     summary = {**result, "params": model.num_params(), "val_unigram_bpb": meta["val_unigram_bpb"],
                "val_unigram_entropy": meta["val_unigram_entropy"]}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -25,6 +25,7 @@ from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.stages.classify import Classifier
 from chatforge.tokenizer import copy_tokenizer, load_tokenizer
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main
 from chatforge.train.loop import Stage, train
 
 
@@ -103,13 +104,15 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
     model.cpu()
-    save_model(model, str(out / "reward.safetensors"))
-    meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}
-    (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
-    copy_tokenizer(init, out)
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        save_model(model, str(out / "reward.safetensors"))
+        meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}
+        (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
+        copy_tokenizer(init, out)
     summary = {"val_accuracy": result.get("val_accuracy"), "pairs": len(pairs), "val_pairs": len(val_pairs),
                "skipped": skipped}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 def load_reward_model(run: str | Path) -> Classifier:

@@ -25,6 +25,7 @@ from chatforge.stages.reward import as_messages, load_reward_model
 from chatforge.stages.sft import save_trained
 from chatforge.tokenizer import decode, encode, load_tokenizer, render_chat
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main, mean_across_ranks, rank_world
 from chatforge.train.loop import Stage
 
 
@@ -243,7 +244,8 @@ class RLRun:
         """A new round: replies from the current policy, their scores (less the penalty for never ending),
         and the log-probs of the policy that sampled them (π_old) and of the reference."""
         rows = [self.rows[i] for i in self.sampler.next_indices()]
-        seed = self.cfg.train.seed * 100003 + self.sampler.position  # each round its own sampling stream
+        # each round its own sampling stream, and under torchrun each rank its own
+        seed = self.cfg.train.seed * 100003 + self.sampler.position + 7919 * rank_world()[0]
         rnd = sample_round(self.policy, self.tok, rows, self.rl, seed)
         rnd.scores = self.score(rnd) - self.rl.no_end_penalty * (~rnd.ended).float()
         rnd.old_logp = batched_logprobs(self.policy, rnd.sequences)
@@ -258,11 +260,14 @@ class RLRun:
             if not self.batches:
                 self.round = self.sample()
                 kl = ((self.round.old_logp - self.round.ref_logp) * self.round.mask).sum(-1).mean().item()
-                self.round_stats = {"reward": self.round.scores.mean().item(), "kl": kl, "kl_coef": self.kl.coef,
+                kl = mean_across_ranks(kl)  # every rank adapts the KL coefficient the same way
+                reward = mean_across_ranks(self.round.scores.mean().item())
+                self.round_stats = {"reward": reward, "kl": kl, "kl_coef": self.kl.coef,
                                     "reply_tokens": self.round.mask.sum(-1).mean().item(),
                                     "end_rate": self.round.ended.float().mean().item(), **prepare(self.round)}
                 self.kl.update(kl, len(self.round))
-                self.batches = minibatches(len(self.round), self.cfg.train.batch_size, self.rl.epochs,
+                size = max(1, self.cfg.train.batch_size // rank_world()[1])  # batch_size: replies of all ranks
+                self.batches = minibatches(len(self.round), size, self.rl.epochs,
                                            self.cfg.train.seed + self.sampler.position)
             return self.round, self.batches.pop(0)
 
@@ -274,7 +279,7 @@ class RLRun:
                      tokens_per_batch=self.cfg.train.batch_size * (self.rl.max_new_tokens + 40),
                      evaluate=self.evaluate if self.val_rows else None,
                      data_state=self.data_state, load_data_state=self.load_data_state,
-                     metrics=lambda: {**self.round_stats, **self.step_stats})
+                     metrics=lambda: {**self.round_stats, **self.step_stats}, ddp_wrap=False)
 
     def data_state(self) -> dict:
         return {**self.sampler.state_dict(), "kl_coef": self.kl.coef}
@@ -297,7 +302,9 @@ class RLRun:
                 "val_kl": kl}
 
     def finish(self, out: Path, result: dict) -> dict:
-        save_trained(self.policy, self.cfg, self.init, out, self.name)
+        if is_main():  # under torchrun, rank 0 writes the run folder
+            save_trained(self.policy, self.cfg, self.init, out, self.name)
         summary = {**result, "prompts": len(self.rows), "kl_coef": self.kl.coef}
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if is_main():  # under torchrun, rank 0 writes the run folder
+            (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

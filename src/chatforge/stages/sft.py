@@ -20,6 +20,7 @@ from chatforge.model.lora import apply_lora, save_adapter
 from chatforge.stages.pretrain import language_model_loss
 from chatforge.tokenizer import copy_tokenizer, load_tokenizer
 from chatforge.train.device import pick_device
+from chatforge.train.distributed import is_main
 from chatforge.train.loop import Stage, train
 
 
@@ -78,8 +79,10 @@ def run_sft(cfg: Config, init: str | Path, data: str | Path, out: str | Path, va
                   evaluate=evaluate if val_examples else None,
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    save_trained(model, cfg, init, out, "sft")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        save_trained(model, cfg, init, out, "sft")
     summary = {**result, "examples": len(examples), "trainable_params": sum(
         p.numel() for p in model.parameters() if p.requires_grad)}
-    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if is_main():  # under torchrun, rank 0 writes the run folder
+        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -7,6 +7,7 @@ loss, and its held-out evaluation.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from chatforge.config import TrainConfig, config_differences, dump_toml
 from chatforge.errors import ChatforgeError
-from chatforge.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from chatforge.train import distributed as dist
+from chatforge.train.checkpoint import full_model_state, load_checkpoint, resolve_checkpoint, save_checkpoint
 from chatforge.train.device import autocast, peak_matmul_flops, pick_device, pick_dtype
 from chatforge.train.schedule import lr_at
 
@@ -38,6 +40,9 @@ class Stage:
     data_state: Callable[[], dict] = field(default=lambda: {})  # the data position, to checkpoint
     load_data_state: Callable[[dict], None] = field(default=lambda state: None)
     metrics: Callable[[], dict] = field(default=lambda: {})  # the stage's own numbers, logged with each step
+    # DDP: False where the loss calls parts of the model (PPO's policy and value head) rather than the model
+    # itself; the loop then averages the gradients across ranks after backward. Such a stage cannot use FSDP.
+    ddp_wrap: bool = True
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -96,57 +101,85 @@ def check_resume_config(run_dir: Path, config: dict) -> None:
 
 def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path, config: dict,
           resume: str | None = None) -> dict:
-    """Train `model` on `stage` for cfg.steps optimizer steps; returns the last evaluation's numbers."""
+    """Train `model` on `stage` for cfg.steps optimizer steps; returns the last evaluation's numbers.
+    Under torchrun with train.parallel=ddp|fsdp every rank runs this; rank 0 logs and writes files."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
+    dist.setup(cfg.parallel, device)
+    device = dist.local_device(device)
+    rank, world = dist.rank_world()
+    main = rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     dtype = pick_dtype(cfg.precision, device)
     model.to(device)
-    optimizer = build_optimizer(model, cfg, device)
+    if cfg.activation_checkpointing:
+        checkpoint_activations(model)
+    fsdp = cfg.parallel == "fsdp"
+    if fsdp and not stage.ddp_wrap:
+        raise ChatforgeError(f"{stage.name}: train.parallel=fsdp is not supported for this stage; use ddp")
+    # FSDP shards a copy, so the stage's `model` stays an ordinary module that gets the trained weights back
+    trained = dist.wrap(copy.deepcopy(model), "fsdp", device, dtype) if fsdp else model
+    optimizer = build_optimizer(trained, cfg, device)
     step = 0
     if resume is not None:
         check_resume_config(run_dir, config)
-        meta = load_checkpoint(resolve_checkpoint(run_dir, resume), model, optimizer)
+        meta = load_checkpoint(resolve_checkpoint(run_dir, resume), trained, optimizer)
         step = meta["step"]
         stage.load_data_state(meta["data"])
     else:
         torch.manual_seed(cfg.seed)
-    (run_dir / "config.toml").write_text(dump_toml(config))
-    forward = torch.compile(model) if cfg.compile else model
-    log = MetricsLog(run_dir, step if resume is not None else None)
-    peak = peak_matmul_flops(device, dtype)
+    forward = trained
+    if cfg.parallel == "ddp" and stage.ddp_wrap:
+        forward = dist.wrap(model, "ddp", device, dtype)
+    if main:
+        (run_dir / "config.toml").write_text(dump_toml(config))
+    forward = torch.compile(forward) if cfg.compile else forward
+    log = MetricsLog(run_dir, step if resume is not None else None) if main else None
+    peak = peak_matmul_flops(device, dtype) * world
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0.0
+    # FSDP2's policy computes in `dtype` already; autocast on top would only re-cast
+    step_dtype = torch.float32 if fsdp else dtype
 
     stop_signal: list[int] = []
-    handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {}
+    if world == 1:  # a single process stops at a step boundary; torchrun's ranks stop together, by its signal
+        handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint() -> None:
-        save_checkpoint(run_dir, step, model, optimizer, {"data": stage.data_state()}, cfg.keep_checkpoints)
+        save_checkpoint(run_dir, step, trained, optimizer, {"data": stage.data_state()}, cfg.keep_checkpoints,
+                        sharded=fsdp)
 
     evaluation: dict = {}
     bad_steps = 0
     bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15)
+               mininterval=0.5 if sys.stderr.isatty() else 15, disable=not main)
     try:
-        model.train()
+        trained.train()
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                with autocast(device, dtype):
+            for micro in range(cfg.grad_accum):
+                with dist.gradient_sync(forward, cfg.parallel if stage.ddp_wrap else "none",
+                                        micro == cfg.grad_accum - 1), autocast(device, step_dtype):
                     loss = stage.loss(forward, stage.next_batch()) / cfg.grad_accum
-                loss.backward()
+                    loss.backward()
                 loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            if cfg.parallel == "ddp" and not stage.ddp_wrap:
+                dist.average_gradients(model)
+            loss_sum = dist.mean_across_ranks(loss_sum)  # the global batch's loss, the same on every rank
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.grad_clip)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 # skip the update, never apply a NaN; stop once it keeps happening
                 optimizer.zero_grad(set_to_none=True)
                 bad_steps += 1
-                log.write({"step": step + 1, "skipped": f"non-finite loss {loss_sum} or gradient norm {grad_norm}"})
+                if log:
+                    log.write({"step": step + 1, "skipped": f"non-finite loss {loss_sum} or gradient norm {grad_norm}"})
                 if bad_steps > cfg.max_bad_steps:
                     raise ChatforgeError(
                         f"{stage.name}: loss or gradient non-finite in {bad_steps} steps (the last at step {step + 1},"
@@ -157,16 +190,16 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt
+            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt * (1 if stage.ddp_wrap else world)
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak, **stage.metrics()}
             if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                model.eval()
-                with torch.no_grad(), autocast(device, dtype):
-                    evaluation = stage.evaluate(model)
-                model.train()
+                trained.eval()
+                with torch.no_grad(), autocast(device, step_dtype):
+                    evaluation = stage.evaluate(trained)  # every rank: FSDP's forward needs them all
+                trained.train()
                 record.update(evaluation)
-            if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record:
+            if log and (step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in record):
                 log.write(record)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{record['mfu']:.0%}",
                             refresh=False)
@@ -176,9 +209,25 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
             if stop_signal:
                 raise ChatforgeError(f"{stage.name}: stopped by signal at step {step}; checkpoint saved in "
                                      f"{run_dir}/checkpoints; continue with --resume")
+        if fsdp:  # the trained weights, gathered from every rank's shards, into the stage's ordinary model
+            model.load_state_dict(full_model_state(trained))
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
         for s, h in handlers.items():
             signal.signal(s, h)
     return evaluation
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Wrap each transformer block so its activations are recomputed in the backward pass instead of
+    kept: memory for one block's activations instead of all of them, for about a third more compute."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in dist.blocks_of(model):
+        if getattr(block, "_checkpointed", False):
+            continue
+        forward = block.forward
+        block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+        block._checkpointed = True
