@@ -36,7 +36,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | mps
-    compile: bool = False
+    compile: str = "auto"  # auto (on CUDA) | true | false: torch.compile the training step
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 100

@@ -112,6 +112,8 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dtype = pick_dtype(cfg.precision, device)
+    if device.type == "cuda":  # the GPU fast path: TF32 for what stays fp32; SDPA picks flash attention itself
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     if cfg.activation_checkpointing:
         checkpoint_activations(model)
@@ -134,7 +136,7 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
         forward = dist.wrap(model, "ddp", device, dtype)
     if main:
         (run_dir / "config.toml").write_text(dump_toml(config))
-    forward = torch.compile(forward) if cfg.compile else forward
+    forward = torch.compile(forward) if use_compile(cfg.compile, device) else forward
     log = MetricsLog(run_dir, step if resume is not None else None) if main else None
     peak = peak_matmul_flops(device, dtype) * world
     flops_per_token = model.flops_per_token() if hasattr(model, "flops_per_token") else 0.0
@@ -218,6 +220,15 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
         for s, h in handlers.items():
             signal.signal(s, h)
     return evaluation
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """train.compile: auto compiles on CUDA (minutes to start, then faster steps); on a CPU the start-up
+    rarely pays off at demo scale. true/false force it."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ChatforgeError(f"train.compile must be auto, true or false, got '{setting}'")
+    return device.type == "cuda" if value == "auto" else value in ("true", "1", "yes", "on")
 
 
 def checkpoint_activations(model: torch.nn.Module) -> None:
