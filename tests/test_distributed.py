@@ -170,12 +170,26 @@ def test_each_rank_reads_its_own_stride_of_the_global_batch(monkeypatch):
 def test_activation_checkpointing_and_compile_setting(data_dir, tmp_path):
     from chatforge.config import load_config
     from chatforge.errors import ChatforgeError
+    from chatforge.model.transformer import Block
     from chatforge.stages.pretrain import run_pretrain
     from chatforge.train.loop import use_compile
 
+    calls = {"n": 0}
+    block_forward = Block.forward
+
+    def counted(self, *args):
+        calls["n"] += 1
+        return block_forward(self, *args)
+
     cfg = lambda *extra: load_config(f"{REPO}/configs/demo.toml", [*overrides(data_dir), "train.steps=3", *extra])
-    plain = run_pretrain(cfg(), tmp_path / "plain")
-    recomputed = run_pretrain(cfg("train.activation_checkpointing=true"), tmp_path / "ckpt")
+    Block.forward = counted
+    try:
+        plain = run_pretrain(cfg(), tmp_path / "plain")
+        plain_calls, calls["n"] = calls["n"], 0
+        recomputed = run_pretrain(cfg("train.activation_checkpointing=true"), tmp_path / "ckpt")
+    finally:
+        Block.forward = block_forward
+    assert calls["n"] == plain_calls + 3 * 2  # every block (2) runs again in each step's backward (3)
     assert recomputed["val_loss"] == pytest.approx(plain["val_loss"], abs=1e-6)
     assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-6)
     import torch

@@ -115,13 +115,15 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
     if device.type == "cuda":  # the GPU fast path: TF32 for what stays fp32; SDPA picks flash attention itself
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model.to(device)
-    if cfg.activation_checkpointing:
-        checkpoint_activations(model)
     fsdp = cfg.parallel == "fsdp"
     if fsdp and not stage.ddp_wrap:
         raise ChatforgeError(f"{stage.name}: train.parallel=fsdp is not supported for this stage; use ddp")
     # FSDP shards a copy, so the stage's `model` stays an ordinary module that gets the trained weights back
-    trained = dist.wrap(copy.deepcopy(model), "fsdp", device, dtype) if fsdp else model
+    trained = copy.deepcopy(model) if fsdp else model
+    if cfg.activation_checkpointing:  # before sharding, so FSDP's hooks wrap the recomputing blocks
+        checkpoint_activations(trained)
+    if fsdp:
+        dist.wrap(trained, "fsdp", device, dtype)
     optimizer = build_optimizer(trained, cfg, device)
     step = 0
     if resume is not None:
@@ -214,6 +216,8 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
         if fsdp:  # the trained weights, gathered from every rank's shards, into the stage's ordinary model
             model.load_state_dict(full_model_state(trained))
     finally:
+        for block in dist.blocks_of(model):  # the trained model computes as before (no recomputation)
+            block.__dict__.pop("forward", None)
         bar.close()
         if log:
             log.close()
@@ -237,8 +241,5 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
     from torch.utils.checkpoint import checkpoint
 
     for block in dist.blocks_of(model):
-        if getattr(block, "_checkpointed", False):
-            continue
-        forward = block.forward
+        forward = type(block).forward.__get__(block)  # the class's forward, bound to this block
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
-        block._checkpointed = True
