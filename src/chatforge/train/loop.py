@@ -194,7 +194,7 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt * (1 if stage.ddp_wrap else world)
+            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt  # the global batch's tokens
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
                       "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak, **stage.metrics()}
             if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
