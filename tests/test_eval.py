@@ -143,3 +143,28 @@ def test_demo_stages_are_skipped_when_complete_and_resumed_when_interrupted(tmp_
     (tmp_path / "s" / "half-written.bin").write_text("x")  # interrupted before any checkpoint: start again
     run_stage("sft", tmp_path / "s", ["eval.json"], stage)
     assert calls == [None, "latest", None] and not (tmp_path / "s" / "half-written.bin").exists()
+
+
+def test_eval_of_a_folder_of_runs_and_its_report(pretrained, sft_run, data_dir, tasks, tmp_path, capsys):
+    """`chatforge eval --run FOLDER` scores every model on the folder's held-out splits; the report shows them."""
+    from chatforge.report.build import build_report
+    from chatforge.report.tables import results_table
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for name, target in (("pretrain", pretrained[0]), ("sft", sft_run[0]), ("data", data_dir), ("tasks", tasks)):
+        (folder / name).symlink_to(target, target_is_directory=True)
+    main(["eval", "--run", str(folder)])
+    report = json.loads((folder / "eval.json").read_text())
+    base, sft = report["models"]["base"], report["models"]["sft"]
+    assert sft["end_rate"] > base["end_rate"] + 0.5  # SFT learned to end its reply; the base model rambles
+    assert base["bpb"] < load_meta(data_dir)["val_unigram_bpb"]
+    assert 0 <= sft["choice_accuracy"] <= 1 and sft["toxic_rate"] == 0.0
+    assert report["chance"]["choice"] == pytest.approx(0.25)
+    assert len(report["samples"]) == 6 and set(report["samples"][0]["replies"]) == {"base", "sft"}
+    assert json.loads((folder / "eval" / "energy.json").read_text())["stage"] == "eval"
+    assert "eval: sft:" in capsys.readouterr().out
+    html = build_report(folder).read_text(encoding="utf-8")
+    assert "not run yet" in html and "<img" in html
+    table = results_table(folder)
+    assert "WordNet" in table and f"{100 * sft['choice_accuracy']:.1f}%" in table
