@@ -168,3 +168,30 @@ def test_eval_of_a_folder_of_runs_and_its_report(pretrained, sft_run, data_dir, 
     assert "not run yet" in html and "<img" in html
     table = results_table(folder)
     assert "WordNet" in table and f"{100 * sft['choice_accuracy']:.1f}%" in table
+
+
+def test_reward_model_win_rate_from_the_command_line(pretrained, sft_run, tasks, tmp_path, capsys):
+    """win(A, B) counts strict wins: a run against itself wins 0%, and win(A, B) + win(B, A) <= 1."""
+    from safetensors.torch import save_model
+
+    from chatforge.config import config_to_dict
+    from chatforge.stages.classify import Classifier
+
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    torch.manual_seed(0)
+    scorer = Classifier(load_run_model(sft_run[0]), 1)  # an untrained head: any scorer will do here
+    save_model(scorer, str(rm / "reward.safetensors"))
+    (rm / "reward.json").write_text(json.dumps({"model": config_to_dict(scorer.body.cfg), "lora": None}))
+    prompts = str(tasks / "prompts_heldout.jsonl")
+
+    def win_rate(a, b) -> float:
+        main(["eval", "--run", str(a), "--against", str(b), "--reward", str(rm), "--prompts", prompts,
+              "--n-prompts", "40"])
+        return float(capsys.readouterr().out.split("eval: rm_win_rate ")[1].split()[0])
+
+    assert win_rate(sft_run[0], sft_run[0]) == 0.0
+    assert win_rate(sft_run[0], pretrained[0]) + win_rate(pretrained[0], sft_run[0]) <= 1.0
+    with pytest.raises(SystemExit):
+        main(["eval", "--run", str(sft_run[0]), "--against", str(pretrained[0])])
+    assert "--against needs --reward" in capsys.readouterr().err
