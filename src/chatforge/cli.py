@@ -56,9 +56,10 @@ def sampling_from(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     from chatforge.model.generate import stream_text
     from chatforge.model.io import load_run_model
+    from chatforge.model.quantize import for_inference
     from chatforge.tokenizer import load_tokenizer
 
-    model, tok = load_run_model(args.run), load_tokenizer(args.run)
+    model, tok = for_inference(load_run_model(args.run), args.dtype), load_tokenizer(args.run)
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tok, args.prompt, sampling_from(args), compile=args.compile):
         sys.stdout.write(piece)
@@ -69,10 +70,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     from chatforge.chat import chat_loop
     from chatforge.model.io import load_run_model
+    from chatforge.model.quantize import for_inference
     from chatforge.tokenizer import load_tokenizer
 
-    chat_loop(load_run_model(args.run), load_tokenizer(args.run), sampling_from(args), system=args.system,
-              compile=args.compile)
+    chat_loop(for_inference(load_run_model(args.run), args.dtype), load_tokenizer(args.run), sampling_from(args),
+              system=args.system, compile=args.compile)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -279,6 +281,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the one-token decode step (torch.compile over a preallocated KV cache): "
                    "seconds to start, then faster per token")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="fp32 (default, exact), bf16, or int8 weights with bf16 activations (fastest decode)")
 
 
 def add_run_flags(p: argparse.ArgumentParser, example_config: str, default_out: str) -> None:
@@ -408,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=64,
                    help="running + waiting requests per model; more get 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="weights and KV cache in fp32 (default, exact) or bf16 (half the memory traffic)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="weights and KV cache in fp32 (default, exact), bf16 (half the memory traffic), or int8 "
+                   "weights with bf16 activations and cache (a quarter)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate text from a trained model, streamed")

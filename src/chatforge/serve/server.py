@@ -40,20 +40,15 @@ def run_folders(specs: list[str]) -> dict[str, Path]:
     return runs
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-
-
 def load_engines(specs: list[str], max_batch: int, max_pending: int, dtype: str = "fp32") -> dict:
-    """One engine per model. bf16 halves the bytes every decode step reads (weights and KV cache)."""
-    import torch
-
+    """One engine per model. bf16 halves the bytes every decode step reads (weights and KV cache); int8
+    weights (model/quantize.py) halve them again."""
     from chatforge.model.io import load_run_model
+    from chatforge.model.quantize import for_inference
     from chatforge.serve.engine import Engine
     from chatforge.tokenizer import load_tokenizer
 
-    if dtype not in DTYPES:
-        raise ChatforgeError(f"--dtype must be one of {sorted(DTYPES)}, got '{dtype}'")
-    return {name: Engine(load_run_model(folder).to(getattr(torch, DTYPES[dtype])), load_tokenizer(folder), max_batch,
+    return {name: Engine(for_inference(load_run_model(folder), dtype), load_tokenizer(folder), max_batch,
                          max_pending) for name, folder in run_folders(specs).items()}
 
 
