@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the many-clients phase")
     parser.add_argument("--single-seconds", type=float, default=20.0, help="length of the one-client phase")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's --dtype")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32", help="the server's --dtype")
     args = parser.parse_args()
     if not (Path(args.run) / "model.json").is_file():
         sys.exit(f"{args.run}: no chat model here; run `make demo` first or pass --run")
