@@ -272,14 +272,18 @@ class RLRun:
             return self.round, self.batches.pop(0)
 
         def step_loss(m: torch.nn.Module, batch: tuple[Round, torch.Tensor]) -> torch.Tensor:
-            value, self.step_stats = loss(m, *batch)
+            rnd, idx = batch
+            # tokens/s and MFU count the (padded) sequences this minibatch trains on, over all ranks
+            stage.tokens_per_batch = rnd.sequences[idx].numel() * rank_world()[1]
+            value, self.step_stats = loss(m, rnd, idx)
             return value
 
-        return Stage(name=self.name, next_batch=next_batch, loss=step_loss,
-                     tokens_per_batch=self.cfg.train.batch_size * (self.rl.max_new_tokens + 40),
-                     evaluate=self.evaluate if self.val_rows else None,
-                     data_state=self.data_state, load_data_state=self.load_data_state,
-                     metrics=lambda: {**self.round_stats, **self.step_stats}, ddp_wrap=False)
+        stage = Stage(name=self.name, next_batch=next_batch, loss=step_loss,
+                      tokens_per_batch=self.cfg.train.batch_size * (self.rl.max_new_tokens + 40),
+                      evaluate=self.evaluate if self.val_rows else None,
+                      data_state=self.data_state, load_data_state=self.load_data_state,
+                      metrics=lambda: {**self.round_stats, **self.step_stats}, ddp_wrap=False)
+        return stage
 
     def data_state(self) -> dict:
         return {**self.sampler.state_dict(), "kl_coef": self.kl.coef}
