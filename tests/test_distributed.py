@@ -3,6 +3,7 @@ with the same global batch at every step and the same weights after training; a 
 by 2 ranks resumes on 1 and continues with the uninterrupted run's losses; a crashed rank fails the job."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -199,3 +200,20 @@ def test_activation_checkpointing_and_compile_setting(data_dir, tmp_path):
     assert not use_compile("false", cuda)
     with pytest.raises(ChatforgeError, match="train.compile"):
         use_compile("sometimes", cpu)
+
+
+def test_grpo_under_ddp_each_rank_its_rollouts(sft_run, tasks, tmp_path):
+    """RL under torchrun: each rank samples its own prompts' replies, gradients are averaged, rank 0 saves."""
+    out = tmp_path / "grpo"
+    rl = ["--init", str(sft_run[0]), "--reward", "chatforge.tasks.verse:reward", "--prompts",
+          str(tasks / "prompts_train.jsonl"), "--config", "configs/demo-grpo.toml", "--out", str(out),
+          "train.steps=2", "train.batch_size=8", "rl.prompts_per_rollout=4", "rl.group_size=2", "rl.max_new_tokens=8",
+          "train.log_every=1", "train.checkpoint_every=2", "train.device=cpu"]
+    done = run(["grpo", *rl, "train.parallel=ddp"], ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"] + r["kl"]) for r in rows)
+    assert (out / "model.safetensors").is_file() and (out / "eval.json").is_file()
+    rl[rl.index(str(out))] = str(tmp_path / "fsdp")
+    done = run(["grpo", *rl, "train.parallel=fsdp"], ranks=2)
+    assert done.returncode != 0 and "use ddp" in done.stderr
