@@ -215,3 +215,17 @@ def test_run_without_eval_or_energy_still_reports(tmp_path):
     assert "2.050" in page and "11.0%" in page
     assert "No samples yet" in page and "no stage of this run wrote an energy.json" in page
     assert "PPO</td><td>not run yet" in page
+
+
+def test_a_single_stage_run_folder_reports_its_stage(tmp_path):
+    """`chatforge report --run runs/x` where runs/x is one `chatforge rm --out runs/x` run."""
+    run = tmp_path / "rm-run"
+    _write_jsonl(run / "metrics.jsonl", _train_rows(10, 0.69, 1e-4, val_accuracy=lambda i: 0.6 + i / 100))
+    _write_json(run / "reward.json", {"model": {}})
+    _write_json(run / "eval.json", {"val_accuracy": 0.777, "val_pairs": 321})
+    _write_json(run / "energy.json", {"stage": "rm", "seconds": 12.0, "watts": 20.0, "kwh": 12 / 3600 * 0.02,
+                                      "co2_g": 12 / 3600 * 0.02 * 475, "grid_g_per_kwh": 475, "power_source": "x"})
+    table = results_table(run)
+    assert "77.7%" in table and "321 held-out pairs" in table and "12.0 s" in table
+    page = build_report(run, tmp_path / "out").read_text(encoding="utf-8")
+    assert page.count("data:image/png;base64,") >= 2  # its loss curve and its held-out accuracy

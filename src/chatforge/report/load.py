@@ -54,6 +54,18 @@ def _count_lines(path: Path) -> int | None:
         return sum(1 for line in f if line.strip())
 
 
+def single_stage(run: Path) -> str | None:
+    """The stage of a folder that is itself one stage's run (`chatforge pretrain --out runs/x`), or None."""
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    if (run / "reward.json").is_file():
+        return "rm"
+    if (run / "classifier.json").is_file():
+        return "classify"
+    stage = read_json(run / "model.json").get("stage") or read_json(run / "adapter.json") and "sft"
+    return stage if stage in STAGES else "pretrain"
+
+
 def load_run(run_dir: str | Path) -> dict:
     """Everything the report needs from `run_dir`; raises ChatforgeError when there is nothing to report.
 
@@ -67,8 +79,9 @@ def load_run(run_dir: str | Path) -> dict:
                              "(for example runs/demo)")
     info: dict = {"dir": run, "results": read_json(run / "results.json"), "eval": read_json(run / "eval.json"),
                   "stages": [], "metrics": {}, "stage_eval": {}, "config": {}, "energy": {}}
-    for stage in STAGES:
-        folder = run / stage
+    single = single_stage(run)
+    folders = {single: run} if single else {stage: run / stage for stage in STAGES}
+    for stage, folder in folders.items():
         if not folder.is_dir():
             continue
         info["stages"].append(stage)
@@ -81,7 +94,7 @@ def load_run(run_dir: str | Path) -> dict:
         info["stage_eval"][stage] = read_json(folder / "eval.json")
         info["config"][stage] = _read_toml(folder / "config.toml")
     for name in ENERGY_STAGES:
-        energy = read_json(run / name / "energy.json")
+        energy = read_json((run if name == single else run / name) / "energy.json")
         if energy:
             info["energy"][name] = energy
     info["data_meta"] = read_json(run / "data" / "meta.json")
