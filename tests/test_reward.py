@@ -8,7 +8,7 @@ import torch
 
 from chatforge.config import load_config
 from chatforge.errors import ChatforgeError
-from chatforge.stages.reward import bradley_terry_loss, load_pairs, load_reward_model, run_reward
+from chatforge.stages.reward import bradley_terry_loss, load_pairs, load_reward_model, run_reward, score_responses
 from chatforge.tokenizer import load_tokenizer
 from conftest import REPO
 
@@ -44,3 +44,13 @@ def test_reward_model_ranks_held_out_pairs(pretrained, tasks, tmp_path):
     assert result["val_accuracy"] >= 0.75  # held-out keywords: the model must read the prompt
     model = load_reward_model(tmp_path / "rm")
     assert model.head.out_features == 1
+    # `chatforge rm --score`: a held-out chosen reply scores above its rejected one
+    pairs = [json.loads(line) for line in (tasks / "prefs_val.jsonl").read_text().splitlines()[:40]]
+    rows = tmp_path / "score.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p["prompt"], "response": r}) + "\n"
+                            for p in pairs for r in (p["chosen"], p["rejected"])))
+    rewards = [reward for reward, _ in score_responses(tmp_path / "rm", rows)]
+    assert sum(c > r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)) >= 0.7 * len(pairs)
+    rows.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ChatforgeError, match="score.jsonl:1"):
+        list(score_responses(tmp_path / "rm", rows))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 from chatforge.eval.command import add_eval_parser
+from chatforge.report.command import add_report_parser
+from chatforge.serve.command import add_serve_parser
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
@@ -77,15 +79,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
               system=args.system, compile=args.compile)
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
-    from chatforge.serve.server import serve
-
-    serve(args.run, args.host, args.port, args.api_key or os.environ.get("CHATFORGE_API_KEY"), args.max_batch,
-          args.max_concurrent, args.max_body_bytes, args.dtype)
-
-
 def score_on_task(stage: str, prompts: str, runs: dict[str, str]) -> dict:
     """Held-out demo-task constraint success and end-token rate of each named run, printed and returned."""
     from chatforge.eval.task import evaluate_task, load_prompts
@@ -139,23 +132,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 def cmd_rm(args: argparse.Namespace) -> None:
     if args.score:
-        import torch
-
-        from chatforge.data.chat import pad_batch, pad_id, tokenize_conversation
-        from chatforge.data.readers import read_jsonl
-        from chatforge.stages.reward import as_messages, load_reward_model
-        from chatforge.tokenizer import load_tokenizer
+        from chatforge.stages.reward import score_responses
 
         if not args.run:
             raise ChatforgeError("--score needs --run, the folder of a trained reward model")
-        model, tok = load_reward_model(args.run), load_tokenizer(args.run)
-        for lineno, row in read_jsonl(Path(args.score)):
-            if "prompt" not in row or "response" not in row:
-                raise ChatforgeError(f"{args.score}:{lineno}: a row needs \"prompt\" and \"response\"")
-            ids, _ = tokenize_conversation(tok, as_messages(row["prompt"], row["response"], f"{args.score}:{lineno}"))
-            with torch.no_grad():
-                reward = model(*pad_batch([ids[-model.body.cfg.context :]], pad_id(tok), "cpu")).item()
-            print(f"{reward:.4f}\t{row['response']}")
+        for reward, response in score_responses(args.run, args.score):
+            print(f"{reward:.4f}\t{response}")
         return
     if not (args.init and args.data and args.val):
         raise ChatforgeError("training a reward model needs --init RUN, --data prefs.jsonl and --val prefs.jsonl")
@@ -241,19 +223,6 @@ def cmd_import(args: argparse.Namespace) -> None:
     cfg = import_hf(args.source, args.out)
     print(f"import: {cfg.style} style, {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size} "
           f"-> {args.out}")
-
-
-def cmd_report(args: argparse.Namespace) -> None:
-    from chatforge.report.build import build_report
-    from chatforge.report.tables import results_table, update_readme
-
-    html = build_report(args.run, args.out)
-    print(results_table(args.run))
-    print(f"report: {html} (and report.md beside it)")
-    for path in args.readme or []:  # README.zh-CN.md gets the Chinese table
-        lang = "zh" if ".zh" in Path(path).name else "en"
-        changed = update_readme(path, results_table(args.run, lang))
-        print(f"report: {path}: results table {'updated' if changed else 'already up to date'}")
 
 
 def cmd_consolidate(args: argparse.Namespace) -> None:
@@ -398,24 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page with an arena",
-                       description="Serve chat models over an OpenAI-compatible API (/v1/chat/completions, "
-                       "/v1/completions, /v1/models; streaming) and a web chat page at /. Requests share each "
-                       "model through continuous batching.")
-    p.add_argument("--run", action="append", required=True, metavar="[NAME=]DIR",
-                   help="a chat model's run folder, or a folder of runs (runs/demo serves every model in it); "
-                   "repeat for more models")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set CHATFORGE_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together per model (default 32)")
-    p.add_argument("--max-concurrent", type=int, default=64,
-                   help="running + waiting requests per model; more get 429 (default 64)")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="weights and KV cache in fp32 (default, exact), bf16 (half the memory traffic), or int8 "
-                   "weights with bf16 activations and cache (a quarter)")
-    p.set_defaults(func=cmd_serve)
+    add_serve_parser(sub)
 
     p = sub.add_parser("generate", help="generate text from a trained model, streamed")
     p.add_argument("--run", required=True, help="run folder with model.safetensors and tokenizer.json")
@@ -425,12 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    p = sub.add_parser("report", help="one HTML page (and Markdown) of a run: numbers, plots, samples, energy")
-    p.add_argument("--run", default="runs/demo", help="the run folder (default runs/demo)")
-    p.add_argument("--out", help="folder for report.html, report.md and the plots (default RUN/report)")
-    p.add_argument("--readme", nargs="+", metavar="FILE", help="also rewrite the results table between the "
-                   "<!-- results:start --> and <!-- results:end --> lines of these files (*.zh*.md in Chinese)")
-    p.set_defaults(func=cmd_report)
+    add_report_parser(sub)
 
     p = sub.add_parser("consolidate", help="a sharded (FSDP) checkpoint as one single-process checkpoint")
     p.add_argument("--checkpoint", required=True, help="a sharded checkpoint folder, e.g. runs/x/checkpoints/step_200")

@@ -9,6 +9,7 @@ so the reward difference is the log-odds that a person prefers the chosen respon
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -127,3 +128,14 @@ def load_reward_model(run: str | Path) -> Classifier:
     model = Classifier(body, 1)
     load_weights(model, run / "reward.safetensors")
     return model.eval()
+
+
+@torch.no_grad()
+def score_responses(run: str | Path, path: str | Path) -> Iterator[tuple[float, str]]:
+    """(reward, response) for each {"prompt", "response"} row of a .jsonl file: `chatforge rm --score`."""
+    model, tok = load_reward_model(run), load_tokenizer(run)
+    for lineno, row in read_jsonl(Path(path)):
+        if "prompt" not in row or "response" not in row:
+            raise ChatforgeError(f"{path}:{lineno}: a row needs \"prompt\" and \"response\"")
+        ids, _ = tokenize_conversation(tok, as_messages(row["prompt"], row["response"], f"{path}:{lineno}"))
+        yield model(*pad_batch([ids[-model.body.cfg.context :]], pad_id(tok), "cpu")).item(), row["response"]
