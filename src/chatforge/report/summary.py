@@ -7,6 +7,8 @@ README's table in step with the latest run instead of someone copying numbers by
 
 from __future__ import annotations
 
+import re
+
 from chatforge.report.load import model_metrics, series, stage_seconds, task_prompt_count
 
 LABELS = {"en": {"tokenizer": "tokenizer", "prepare": "prepare", "pretrain": "pretrain", "sft": "SFT",
@@ -319,6 +321,8 @@ def _energy(info: dict, z: bool) -> list[dict]:
     secs = sum(e.get("seconds", 0) for e in energy.values())
     any_e = next(iter(energy.values()))
     grid, source = any_e.get("grid_g_per_kwh"), any_e.get("power_source", "")
+    if z:  # energy.json says it in English: "estimate: 10 W/core × 2 cores"
+        source = re.sub(r"estimate: ([\d.]+) W/core × (\d+) cores", r"估算:每核 \1 W × \2 核", source)
     what = (f"全部阶段的电能与 CO2({source},电网 {grid:g} g/kWh)" if z else
             f"energy and CO2 of every stage ({source}; grid {grid:g} g/kWh"
             + (", the world average)" if grid == 475 else ")"))
