@@ -1,8 +1,7 @@
 """Weight-only int8 for decoding: the int8 layer computes (x Qᵀ) ⊙ s exactly, each weight is within half a
 step of the original, the quantized model's greedy tokens on held-out text mostly agree with fp32's, and the
-serving engine and the CLI run it."""
+CLI runs it (the serving engine: tests/test_serve.py)."""
 
-import time
 
 import pytest
 import torch
@@ -12,8 +11,6 @@ from chatforge.errors import ChatforgeError
 from chatforge.model.generate import Sampling, generate_ids
 from chatforge.model.io import load_run_model
 from chatforge.model.quantize import Int8Linear, for_inference, quantize_int8
-from chatforge.serve.engine import Request
-from chatforge.tokenizer import encode
 
 
 def test_int8_linear_is_the_scaled_int8_product_and_close_to_the_original():
@@ -51,22 +48,7 @@ def test_quantized_model_agrees_with_fp32_on_held_out_text(pretrained, data_dir)
     assert same >= 12  # greedy decoding follows the same path for (at least) the first half
 
 
-def test_int8_engine_and_cli(pretrained, capsys):
-    from chatforge.serve.server import load_engines
-
-    engine = load_engines([f"base={pretrained[0]}"], max_batch=4, max_pending=8, dtype="int8")["base"]
-    done: list = []
-    try:
-        assert any(isinstance(m, Int8Linear) for m in engine.model.modules())
-        request = Request(encode(engine.tok, "And God said"), Sampling(temperature=0, max_new_tokens=12),
-                          lambda p, f: f and done.append(f))
-        engine.submit(request)
-        deadline = time.time() + 30
-        while not done and time.time() < deadline:
-            time.sleep(0.02)
-    finally:
-        engine.close()
-    assert done in (["length"], ["stop"]) and 1 <= request.completion_tokens <= 12
+def test_int8_from_the_command_line(pretrained, capsys):
     main(["generate", "--run", str(pretrained[0]), "--prompt", "ROMEO:", "--temperature", "0",
           "--max-new-tokens", "8", "--dtype", "int8"])
     assert capsys.readouterr().out.startswith("ROMEO:")

@@ -278,13 +278,16 @@ def test_serve_command_errors_are_clear(tmp_path, capsys):
         assert f"cannot listen on 127.0.0.1:{port}" in error_of("--run", str(tmp_path / "rm"), "--port", port)
 
 
-def test_bf16_engine_serves(pretrained):
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_bf16_and_int8_engines_serve(pretrained, dtype):
+    from chatforge.model.quantize import Int8Linear
     from chatforge.serve.server import load_engines
 
-    engine = load_engines([f"base={pretrained[0]}"], max_batch=4, max_pending=8, dtype="bf16")["base"]
+    engine = load_engines([f"base={pretrained[0]}"], max_batch=4, max_pending=8, dtype=dtype)["base"]
     done: list = []
     try:
-        assert next(engine.model.parameters()).dtype == torch.bfloat16
+        assert next(engine.model.parameters()).dtype == torch.bfloat16  # int8: weights int8, activations bf16
+        assert any(isinstance(m, Int8Linear) for m in engine.model.modules()) == (dtype == "int8")
         request = Request(encode(engine.tok, "And God said"), Sampling(temperature=0, max_new_tokens=12),
                           lambda p, f: f and done.append(f))
         engine.submit(request)

@@ -149,9 +149,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     print("== 9/10 eval: every model on the held-out splits (bits/byte, task, WordNet choice, harms, reward model)")
     from chatforge.eval.suite import evaluate_runs
 
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    with measure("eval", out / "eval"):
-        report = evaluate_runs(out)
+    report = evaluate_runs(out)
     for name, numbers in report["models"].items():
         for key in ("bpb", "success", "success_en", "success_zh", "end_rate", "choice_accuracy", "rm_score",
                     "rm_win_rate", "toxic_rate", "refusal_rate", "over_refusal_rate"):

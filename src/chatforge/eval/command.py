@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from chatforge.errors import ChatforgeError
 
@@ -21,11 +20,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"eval: lm-eval {task}: {shown}")
         return
     if suite.run_kind(args.run) == "runs":
-        from chatforge.eval.energy import measure
-
-        (Path(args.run) / "eval").mkdir(exist_ok=True)
-        with measure("eval", Path(args.run) / "eval"):
-            report = suite.evaluate_runs(args.run)
+        report = suite.evaluate_runs(args.run)
         for name, numbers in report["models"].items():
             print(f"eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items() if isinstance(v, float)))
         print(f"eval: -> {args.run}/eval.json")

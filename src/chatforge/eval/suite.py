@@ -59,7 +59,7 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
                     harm_prompts: list[dict] | None = None, reward_model: torch.nn.Module | None = None,
                     against_scores: torch.Tensor | None = None) -> dict:
     """The held-out numbers of one policy run; each part runs only when its input is given."""
-    from chatforge.eval.task import evaluate_task, reward_model_scores
+    from chatforge.eval.task import evaluate_task
     from chatforge.model.io import load_run_model
     from chatforge.tokenizer import load_tokenizer
 
@@ -75,11 +75,11 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
 
         out["text_bpb"] = bpb_on_text(model, tok, text)["bpb"]
     if prompts:
-        e = evaluate_task(model, tok, prompts)
+        e = evaluate_task(model, tok, prompts, reward_model=reward_model)  # one set of replies for both
         out.update({k: v for k, v in e.items() if k.startswith("success")}, end_rate=e["end_rate"], task_prompts=e["n"])
         out["samples"] = [s["reply"] for s in e["samples"][:SAMPLES]]
         if reward_model is not None:
-            scores = reward_model_scores(model, reward_model, tok, prompts)
+            scores = e["scores"]
             out["rm_score"] = scores.mean().item()
             out["scores"] = scores
             if against_scores is not None:
@@ -106,12 +106,20 @@ def heldout_sample(path: str | Path, n: int = TASK_PROMPTS) -> list[dict]:
 
 
 def evaluate_runs(folder: str | Path, progress=print) -> dict:
-    """Every policy in a demo folder on the folder's held-out splits; writes folder/eval.json."""
+    """Every policy in a demo folder on the folder's held-out splits; writes folder/eval.json, and its
+    time and energy to folder/eval/energy.json."""
+    from chatforge.eval.energy import measure
+
+    (Path(folder) / "eval").mkdir(parents=True, exist_ok=True)
+    with measure("eval", Path(folder) / "eval"):
+        return _evaluate_runs(Path(folder), progress)
+
+
+def _evaluate_runs(folder: Path, progress) -> dict:
     from chatforge.eval.choice import load_choices
     from chatforge.eval.harms import load_harm_prompts
     from chatforge.stages.reward import load_reward_model
 
-    folder = Path(folder)
     names = [n for n, sub in POLICIES.items() if (folder / sub / "model.json").is_file()]
     data = folder / "data" if (folder / "data" / "meta.json").is_file() else None
     prompt_file = folder / "tasks" / "prompts_heldout.jsonl"

@@ -17,16 +17,21 @@ from chatforge.tasks.verse import check
 
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
-                  temperature: float = 0.0, seed: int = 0, batch_size: int = 64) -> dict:
+                  temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
+                  reward_model: torch.nn.Module | None = None) -> dict:
     """Success rate (checker) and end-token rate over `rows`, and success by language (success_en,
     success_zh, from each row's "kind"); greedy by default so numbers repeat.
-    Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>."""
+    Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>.
+    With a `reward_model`, also its score of each reply ("scores", one per row: compare two models on the
+    same rows by the mean difference, or by the win-rate of one over the other)."""
     model.eval()
-    successes, ended, samples = 0, 0, []
+    successes, ended, samples, scores = 0, 0, [], []
     by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
         rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
+        if reward_model is not None:
+            scores.append(model_scores(reward_model, tok, rnd))
         for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True):
             ok = done and check(row, text)
             successes += ok
@@ -38,18 +43,10 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
                 samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
     n = max(1, len(rows))
     per_kind = {f"success_{k}": s / c for k, (s, c) in sorted(by_kind.items()) if k in ("en", "zh")}
-    return {"success": successes / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
+    out = {"success": successes / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
+    return out | ({"scores": torch.cat(scores)} if scores else {})
 
 
 def load_prompts(path: str) -> list[dict]:
     """Task rows ({"prompt", "keyword", "kind", "length", ...}) from a .jsonl file."""
     return [row for _, row in read_jsonl(Path(path))]
-
-
-@torch.no_grad()
-def reward_model_scores(model: Transformer, reward_model: torch.nn.Module, tok: Tokenizer, rows: list[dict],
-                        max_new_tokens: int = 48) -> torch.Tensor:
-    """The reward model's score of `model`'s greedy reply to each row's prompt (compare two models on the
-    same rows: the mean difference, or the win-rate of one over the other)."""
-    rnd = sample_round(model, tok, rows, RLConfig(temperature=0.0, max_new_tokens=max_new_tokens), seed=0)
-    return model_scores(reward_model, tok, rnd)

@@ -37,6 +37,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_records(folder: Path, names) -> dict:
+    """Size and SHA-256 of each file, for state.json: `verify_checkpoint` checks them before loading."""
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Flatten an optimizer's state into named tensors plus its JSON-able param groups."""
     sd = optimizer.state_dict()
@@ -96,7 +101,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         return None
     save_file(rng_tensors(), str(tmp / "rng.safetensors"))
     names = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*.safetensors"))
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
+    files = file_records(tmp, names)
     meta = {"step": step, "param_groups": groups, "files": files, **extra, **state}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
     if final.exists():
@@ -274,7 +279,7 @@ def consolidate(checkpoint: str | Path, out: str | Path) -> Path:
     save_file(weights, str(tmp / "model.safetensors"))
     save_file(optim, str(tmp / "optimizer.safetensors"))
     shutil.copy(checkpoint / "rng.safetensors", tmp / "rng.safetensors")
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES}
+    files = file_records(tmp, FILES)
     state = {k: v for k, v in meta.items() if k not in ("format", "files", "param_groups", "world_size")}
     (tmp / "state.json").write_text(json.dumps({**state, "param_groups": groups, "files": files}, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
