@@ -64,7 +64,7 @@ def test_large_vocabularies_use_uint32_shards(tmp_path):
     words = [f"w{i}x{i * 7}" for i in range(40_000)]
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(" ".join(words[i : i + 50]) for i in range(0, len(words), 50)))
-    save_tokenizer(train_tokenizer(iter_corpus([corpus]), 70_000), tmp_path / "tok")
+    save_tokenizer(train_tokenizer(lambda: iter_corpus([corpus]), 70_000), tmp_path / "tok")
     meta = prepare([str(corpus)], tmp_path / "tok", tmp_path / "data", val_fraction=0.2)
     assert meta["vocab_size"] == 70_000 and meta["dtype"] == "uint32"
     train = open_tokens(tmp_path / "data", "train")

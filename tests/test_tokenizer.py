@@ -50,9 +50,36 @@ def test_chat_template_saved_and_matches_render(tokenizer_dir):
         assert template.render(messages=messages, add_generation_prompt=gen) == render_chat(messages, gen)
 
 
+def test_chinese_characters_become_whole_tokens_in_a_mostly_english_corpus():
+    import gzip
+
+    from chatforge.tokenizer import cjk_repeats
+    from conftest import DEMO_CORPUS
+
+    with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
+        english = [json.loads(line)["text"] for line, _ in zip(f, range(60), strict=False)]
+    english = [text for text in english if json.dumps(text).isascii()]
+    poems = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"]
+    corpus = english + poems  # a few hundred KB of English, 40 Chinese characters
+    assert cjk_repeats(lambda: corpus, 0.0) == 1 and cjk_repeats(lambda: english, 0.25) == 1
+    repeats, other = cjk_repeats(lambda: corpus, 0.25), sum(map(len, corpus)) - 40
+    assert 40 * repeats / (40 * repeats + other) >= 0.25 > 40 * (repeats - 1) / (40 * (repeats - 1) + other)
+    for share, whole in ((0.0, False), (0.25, True)):
+        tok = train_tokenizer(lambda: corpus, 1024, cjk_share=share)
+        chars = set("".join(poems)) - set("，。")
+        assert all(len(encode(tok, c)) == 1 for c in chars) == whole
+        for line in poems:
+            pieces = [tok.decode([i]) for i in encode(tok, line)]
+            assert decode(tok, encode(tok, line)) == line
+            if whole:  # one token per character: no token joins two characters' bytes
+                assert pieces == list(line)
+    text = "".join(english)
+    assert len(encode(tok, text)) < len(text) / 2  # English still compresses
+
+
 def test_vocab_too_small_is_refused():
     with pytest.raises(ChatforgeError, match="too small"):
-        train_tokenizer(["hello world"], 200)
+        train_tokenizer(lambda: ["hello world"], 200)
 
 
 def test_missing_tokenizer_names_the_path(tmp_path):

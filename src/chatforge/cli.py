@@ -17,7 +17,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
     from chatforge.data.readers import iter_corpus
     from chatforge.tokenizer import save_tokenizer, train_tokenizer
 
-    tok = train_tokenizer(iter_corpus(args.data), args.vocab_size)
+    tok = train_tokenizer(lambda: iter_corpus(args.data), args.vocab_size, args.cjk_share)
     save_tokenizer(tok, args.out)
     print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out}/tokenizer.json")
 
@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("--data", nargs="+", required=True, help=".txt/.txt.gz/.jsonl{text}/.parquet files or folders")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. 256 bytes + 4 specials")
+    p.add_argument("--cjk-share", type=float, default=0.25,
+                   help="repeat texts with Chinese/Japanese characters while learning merges until they are at least "
+                        "this share of the characters, so a mostly English corpus still gets whole-character "
+                        "tokens (default 0.25; 0 = no repeats)")
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.set_defaults(func=cmd_tokenizer)
 

