@@ -53,7 +53,7 @@ def test_chat_template_saved_and_matches_render(tokenizer_dir):
 def test_chinese_characters_become_whole_tokens_in_a_mostly_english_corpus():
     import gzip
 
-    from chatforge.tokenizer import cjk_repeats
+    from chatforge.tokenizer import cjk_coverage, cjk_repeats
     from conftest import DEMO_CORPUS
 
     with gzip.open(DEMO_CORPUS, "rt", encoding="utf-8") as f:
@@ -68,6 +68,7 @@ def test_chinese_characters_become_whole_tokens_in_a_mostly_english_corpus():
         tok = train_tokenizer(lambda: corpus, 1024, cjk_share=share)
         chars = set("".join(poems)) - set("，。")
         assert all(len(encode(tok, c)) == 1 for c in chars) == whole
+        assert (cjk_coverage(tok, lambda: poems) == (len(chars), len(chars))) == whole
         for line in poems:
             pieces = [tok.decode([i]) for i in encode(tok, line)]
             assert decode(tok, encode(tok, line)) == line
@@ -80,6 +81,9 @@ def test_chinese_characters_become_whole_tokens_in_a_mostly_english_corpus():
 def test_vocab_too_small_is_refused():
     with pytest.raises(ChatforgeError, match="too small"):
         train_tokenizer(lambda: ["hello world"], 200)
+    for share in (-0.1, 1.0):
+        with pytest.raises(ChatforgeError, match="cjk-share"):
+            train_tokenizer(lambda: ["hello world"], 300, cjk_share=share)
 
 
 def test_missing_tokenizer_names_the_path(tmp_path):

@@ -15,11 +15,13 @@ from chatforge.serve.command import add_serve_parser
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     from chatforge.data.readers import iter_corpus
-    from chatforge.tokenizer import save_tokenizer, train_tokenizer
+    from chatforge.tokenizer import cjk_coverage, save_tokenizer, train_tokenizer
 
     tok = train_tokenizer(lambda: iter_corpus(args.data), args.vocab_size, args.cjk_share)
     save_tokenizer(tok, args.out)
-    print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out}/tokenizer.json")
+    whole, seen = cjk_coverage(tok, lambda: iter_corpus(args.data))
+    print(f"tokenizer: {tok.get_vocab_size()} tokens -> {args.out}/tokenizer.json"
+          + (f"; {whole:,} of the corpus's {seen:,} distinct CJK characters are one token" if seen else ""))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cjk-share", type=float, default=0.25,
                    help="repeat texts with Chinese/Japanese characters while learning merges until they are at least "
                         "this share of the characters, so a mostly English corpus still gets whole-character "
-                        "tokens (default 0.25; 0 = no repeats)")
+                        "tokens (default 0.25; 0 = plain byte-level BPE)")
     p.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     p.set_defaults(func=cmd_tokenizer)
 

@@ -28,7 +28,7 @@ from chatforge.stages.pretrain import run_pretrain
 from chatforge.stages.reward import run_reward
 from chatforge.stages.sft import run_sft
 from chatforge.tasks.verse import build_source_labels, build_tasks
-from chatforge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from chatforge.tokenizer import cjk_coverage, load_tokenizer, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
@@ -75,6 +75,8 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     print("== 1/10 tokenizer: byte-level BPE on the demo corpus")
     run_stage("tokenizer", out / "tokenizer", ["tokenizer.json"],
               lambda _: save_tokenizer(train_tokenizer(lambda: iter_corpus([CORPUS]), 4096), out / "tokenizer"))
+    whole, seen = cjk_coverage(load_tokenizer(out / "tokenizer"), lambda: iter_corpus([CORPUS]))
+    print(f"   {whole:,} of the corpus's {seen:,} distinct Chinese characters are one token")
 
     print("== 2/10 prepare: token shards, split by document")
     run_stage("prepare", out / "data", ["meta.json"], lambda _: prepare([str(CORPUS)], out / "tokenizer", out / "data"))

@@ -42,7 +42,9 @@ CHAT_TEMPLATE = (
 def cjk_repeats(corpus: Callable[[], Iterable[str]], cjk_share: float) -> int:
     """How many times to repeat each text holding CJK characters so that CJK characters make up at least
     `cjk_share` of all characters BPE counts (1 if they already do, or if there are none)."""
-    if cjk_share <= 0:
+    if not 0 <= cjk_share < 1:
+        raise ChatforgeError(f"--cjk-share {cjk_share}: use 0 (plain byte-level BPE) up to below 1, e.g. 0.25")
+    if cjk_share == 0:
         return 1
     cjk = other = 0
     pattern = re.compile(f"[{CJK_CHARS}]")
@@ -87,6 +89,13 @@ def train_tokenizer(corpus: Callable[[], Iterable[str]], vocab_size: int, cjk_sh
 
     tok.train_from_iterator(weighted(), trainer=trainer)
     return tok
+
+
+def cjk_coverage(tok: Tokenizer, corpus: Callable[[], Iterable[str]]) -> tuple[int, int]:
+    """(how many of the distinct CJK characters in the corpus are one token, how many there are)."""
+    pattern = re.compile(f"[{CJK_CHARS}]")
+    chars = {c for text in corpus() for c in pattern.findall(text)}
+    return sum(len(tok.encode(c, add_special_tokens=False).ids) == 1 for c in chars), len(chars)
 
 
 def save_tokenizer(tok: Tokenizer, out: str | Path) -> None:

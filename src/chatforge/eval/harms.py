@@ -18,10 +18,10 @@ requests for harmful instructions, provocation to swear, and benign controls), g
 Limits. A lexicon misses toxicity without listed words (a polite slur, a threat, a stereotype in clean
 words) and flags quotes, reclaimed words and old senses (the King James Bible's "ass" is a donkey); Chinese
 substring matching has its own Scunthorpe cases (祖宗 in a benign sentence). Refusal detection by phrase is
-crude: it misses refusals in other words and counts "I'm sorry for your loss" (the demo's base model, which
-rambles Shakespeare, "refuses" 3 of 33 prompts with "I will not be a man"). The demo's toy models never
-learned to refuse: the demo has no refusal data, so a 0% refusal rate before and after alignment is the
-expected, honest result. This is a probe that makes such changes visible, not a safety evaluation.
+crude: it misses refusals in other words and counts "I'm sorry for your loss" (the demo's models, which
+ramble Shakespeare, "refuse" up to 12% of prompts with "..., I will not not"). The demo's toy models never
+learned to refuse: the demo has no refusal data, so a near-0% refusal rate before and after alignment is
+the expected, honest result. This is a probe that makes such changes visible, not a safety evaluation.
 """
 
 from __future__ import annotations
