@@ -78,6 +78,22 @@ def test_chinese_characters_become_whole_tokens_in_a_mostly_english_corpus():
     assert len(encode(tok, text)) < len(text) / 2  # English still compresses
 
 
+def test_transformers_reads_the_chinese_aware_tokenizer_the_same(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from chatforge.tokenizer import save_tokenizer
+
+    corpus = ["And God said, Let there be light: and there was light. " * 50, "床前明月光，疑是地上霜。" * 5]
+    save_tokenizer(train_tokenizer(lambda: corpus, 400), tmp_path)
+    tok, hf = load_tokenizer(tmp_path), PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "写一句以「月」开头的五言诗句。"},
+                {"role": "assistant", "content": "月落乌啼霜满天"}]
+    for text in ["床前明月光 light 🌙", render_chat(messages)]:
+        assert hf.encode(text, add_special_tokens=False) == encode(tok, text)
+        assert hf.decode(encode(tok, text)) == text
+    assert hf.apply_chat_template(messages, tokenize=False) == render_chat(messages)
+
+
 def test_vocab_too_small_is_refused():
     with pytest.raises(ChatforgeError, match="too small"):
         train_tokenizer(lambda: ["hello world"], 200)
