@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -143,3 +144,16 @@ def test_a_reply_cut_inside_a_character_ends_without_the_half_character(tokenize
     monkeypatch.setattr(gen, "generate_ids", lambda *args, **kwargs: iter(ids))
     assert decode(tok, ids).endswith("\ufffd")
     assert "".join(gen.stream_text(None, tok, "prompt", gen.Sampling())) == "明月"
+
+
+def test_tokenizer_command_says_how_many_chinese_characters_are_whole(tmp_path, capsys):
+    from chatforge.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    english = "And God said, Let there be light: and there was light.\n\n" * 200
+    corpus.write_text(english + "床前明月光，疑是地上霜。\n\n")
+    main(["tokenizer", "--data", str(corpus), "--vocab-size", "400", "--out", str(tmp_path / "tok")])
+    assert "10 of the corpus's 10 distinct CJK characters are one token" in capsys.readouterr().out
+    main(["tokenizer", "--data", str(corpus), "--vocab-size", "400", "--cjk-share", "0", "--out", str(tmp_path / "t0")])
+    whole = re.search(r"(\d+) of the corpus's 10 distinct CJK characters are one token", capsys.readouterr().out)
+    assert whole and int(whole.group(1)) < 10  # plain byte-level BPE: most stay 3 byte tokens
