@@ -7,9 +7,11 @@ Chinese needs two more things, because a Chinese character is 3 bytes and a corp
 each CJK character is its own pre-token, so merges never join the last byte of one character to the
 first of the next; and texts with CJK characters are repeated while merges are learned, so they make up
 at least `cjk_share` of what BPE counts. Then frequent characters become whole tokens instead of byte
-fragments the model must learn to reassemble (on the demo corpus, where Chinese is 0.4% of the text:
-29 of the 1,732 characters of the task's answers were one token; now all of them are). Saved as `tokenizer.json` plus a
-`tokenizer_config.json` holding the ChatML chat template, so `transformers` loads the same tokenizer.
+fragments the model must learn to reassemble (on the demo corpus, where Chinese is 0.4% of the text, at
+4,096 tokens: 1,580 of its 2,806 distinct characters, against 29 without this).
+
+Saved as `tokenizer.json` plus a `tokenizer_config.json` holding the ChatML chat template, so
+`transformers` loads the same tokenizer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from chatforge.errors import ChatforgeError
 EOT, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
 CJK_CHARS = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK unified ideographs (extension A, basic, compatibility)
+CJK = re.compile(f"[{CJK_CHARS}]")
 
 # ChatML (OpenAI): <|im_start|>role\ncontent<|im_end|>\n for each message; the same Jinja
 # template goes into tokenizer_config.json so transformers' apply_chat_template agrees with us.
@@ -47,9 +50,8 @@ def cjk_repeats(corpus: Callable[[], Iterable[str]], cjk_share: float) -> int:
     if cjk_share == 0:
         return 1
     cjk = other = 0
-    pattern = re.compile(f"[{CJK_CHARS}]")
     for text in corpus():
-        n = len(pattern.findall(text))
+        n = len(CJK.findall(text))
         cjk, other = cjk + n, other + len(text) - n
     if cjk == 0 or cjk / (cjk + other) >= cjk_share:
         return 1
@@ -69,7 +71,7 @@ def train_tokenizer(corpus: Callable[[], Iterable[str]], vocab_size: int, cjk_sh
     repeats = cjk_repeats(corpus, cjk_share)
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.pre_tokenizer = byte_level if cjk_share <= 0 else pre_tokenizers.Sequence([
+    tok.pre_tokenizer = byte_level if cjk_share == 0 else pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(f"[{CJK_CHARS}]"), behavior="isolated"),  # one pre-token per character
         byte_level,
     ])
@@ -80,11 +82,9 @@ def train_tokenizer(corpus: Callable[[], Iterable[str]], vocab_size: int, cjk_sh
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=True,
     )
-    has_cjk = re.compile(f"[{CJK_CHARS}]")
-
     def weighted() -> Iterable[str]:
         for text in corpus():
-            for _ in range(repeats if has_cjk.search(text) else 1):
+            for _ in range(repeats if CJK.search(text) else 1):
                 yield text
 
     tok.train_from_iterator(weighted(), trainer=trainer)
@@ -93,8 +93,7 @@ def train_tokenizer(corpus: Callable[[], Iterable[str]], vocab_size: int, cjk_sh
 
 def cjk_coverage(tok: Tokenizer, corpus: Callable[[], Iterable[str]]) -> tuple[int, int]:
     """(how many of the distinct CJK characters in the corpus are one token, how many there are)."""
-    pattern = re.compile(f"[{CJK_CHARS}]")
-    chars = {c for text in corpus() for c in pattern.findall(text)}
+    chars = {c for text in corpus() for c in CJK.findall(text)}
     return sum(len(tok.encode(c, add_special_tokens=False).ids) == 1 for c in chars), len(chars)
 
 
