@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chatforge.errors import ChatforgeError
 from chatforge.model.transformer import Transformer
 
 
@@ -63,8 +64,6 @@ DTYPES = ("fp32", "bf16", "int8")
 def for_inference(model: Transformer, dtype: str = "fp32") -> Transformer:
     """The model as `--dtype` asks: fp32 (exact), bf16 (half the bytes a decode step reads) or int8
     (weight-only int8 with bf16 activations: a quarter of fp32's bytes)."""
-    from chatforge.errors import ChatforgeError
-
     if dtype not in DTYPES:
         raise ChatforgeError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if dtype == "int8":
