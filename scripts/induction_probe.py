@@ -1,7 +1,7 @@
 """Can this model copy? An induction-head probe (Olsson et al., 2022, "In-context learning and induction heads").
 
 Each probe is a real Shakespeare line, a newline, and the same line again. A model with an induction head
-predicts the second copy from the first (loss far below the first copy's, top-1 accuracy near 80%); a model
+predicts the second copy from the first (loss far below the first copy's); a model
 without one predicts both copies about equally badly. The demo task's held-out keywords need exactly this
 skill (docs/rlhf.md, "Third round"), so the probe tells whether RL has a copy to sharpen.
 
