@@ -47,8 +47,7 @@ def probe(run: str, n_lines: int = 200, seed: int = 1) -> dict[str, float]:
     for line in lines:
         ids = tok.encode(line).ids[: (model.cfg.context - len(newline)) // 2]
         seq = torch.tensor(ids + newline + ids)
-        logits = model(seq[None, :-1])[0]
-        logits = (logits[0] if isinstance(logits, tuple) else logits).squeeze(0)
+        logits = model(seq[None, :-1])[0]  # (T, vocab)
         targets = seq[1:]
         loss = F.cross_entropy(logits, targets, reduction="none")
         hit = (logits.argmax(-1) == targets).float()
