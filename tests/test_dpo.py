@@ -1,5 +1,6 @@
 """DPO, IPO and cDPO against their closed forms, and a DPO run on held-out pairs."""
 
+import json
 import math
 
 import pytest
@@ -56,3 +57,62 @@ def test_dpo_raises_held_out_preference_accuracy(pretrained, tasks, tmp_path):
     # at the start policy = reference: every implicit reward is 0, the accuracy 0 and the loss ln 2
     assert result["val_reward_accuracy"] >= 0.6 and result["val_reward_margin"] > 0
     assert result["val_loss"] < math.log(2) - 0.1
+
+
+def closer_to_twelve_chars(prompt: str, response: str, **row) -> float:
+    """A graded reward for the on-policy pairs test: any small model's samples differ by it."""
+    return -abs(len(response.strip()) - 12)
+
+
+def test_best_and_worst_of_each_group_and_never_a_cut_off_reply():
+    from chatforge.stages.pairs import best_and_worst
+    from chatforge.stages.rollout import Round
+
+    rows = [{"prompt": "a"}] * 3 + [{"prompt": "b"}] * 3 + [{"prompt": "c"}] * 3
+    texts = ["a1", "a2", "a3", "b1", "b2", "b3", "c1", "c2", "c3"]
+    ended = torch.tensor([True, True, False, True, True, True, True, False, False])
+    scores = torch.tensor([0.2, 0.9, 5.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0])
+    rnd = Round(rows=rows, texts=texts, sequences=torch.zeros(9, 2), mask=torch.zeros(9, 1), ended=ended)
+    # a: a3 scores best but never ended; b: all tie; c: only one ended reply
+    assert best_and_worst(rnd, scores, 3) == [{"prompt": "a", "chosen": "a2", "rejected": "a1"}]
+
+
+def test_pairs_from_the_policys_samples_rank_by_the_reward(sft_run, tasks, tmp_path):
+    from chatforge.stages.pairs import run_pairs
+
+    out = tmp_path / "pairs.jsonl"
+    result = run_pairs(sft_run[0], tasks / "prompts_train.jsonl", "test_dpo:closer_to_twelve_chars", out,
+                       group_size=4, max_new_tokens=16, limit=24)
+    pairs = [json.loads(line) for line in out.open(encoding="utf-8")]
+    assert result == {"prompts": 24, "pairs": len(pairs)} and len(pairs) >= 12
+    for p in pairs:
+        assert closer_to_twelve_chars("", p["chosen"]) > closer_to_twelve_chars("", p["rejected"])
+    with pytest.raises(ChatforgeError, match="at least 2"):
+        run_pairs(sft_run[0], tasks / "prompts_train.jsonl", "test_dpo:closer_to_twelve_chars", out, group_size=1)
+
+
+def test_the_nll_term_keeps_the_chosen_replies_likely(pretrained, tasks, tmp_path):
+    """RPO: plain DPO may lower log π(chosen) as long as log π(rejected) falls faster; the NLL term on the
+    chosen replies holds them up, on held-out pairs, at the same preference accuracy or better."""
+    from chatforge.data.chat import pad_id
+    from chatforge.stages.reward import load_pairs
+
+    tok = load_tokenizer(pretrained[0])
+    val, _ = load_pairs(tasks / "prefs_val.jsonl", tok, 256, with_mask=True)
+    val = val[:64]
+
+    def chosen_logp(run) -> float:
+        with torch.no_grad():
+            return sequence_logprobs(load_run_model(run), [c for c, _ in val], pad_id(tok), "cpu").mean().item()
+
+    results, logps = {}, {}
+    for coef in (0.0, 1.0):
+        cfg = load_config(None, ["train.steps=40", "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=5",
+                                 "train.eval_every=40", "train.eval_batches=2", "train.checkpoint_every=1000",
+                                 "train.weight_decay=0.0", "dpo.beta=0.1", f"dpo.nll_coef={coef}"])
+        out = tmp_path / f"dpo{coef}"
+        results[coef] = run_dpo(cfg, pretrained[0], tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out)
+        logps[coef] = chosen_logp(out)
+    assert logps[1.0] > logps[0.0] + 1.0, logps  # nats per chosen reply, held out
+    assert logps[1.0] > chosen_logp(pretrained[0])
+    assert results[1.0]["val_reward_accuracy"] >= 0.6

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import torch
 
@@ -26,6 +27,26 @@ def test_task_rows_are_real_answers_and_keywords_held_out(tasks):
     assert {r["kind"] for r in held} == {"en", "zh"}
     row = {"kind": "zh", "keyword": "月", "length": 5}
     assert check(row, "月落乌啼霜") and not check(row, "落月乌啼霜") and not check(row, "月落乌啼霜满天")
+
+
+def test_copy_rows_and_rl_prompts_never_ask_for_a_held_out_keyword(tasks):
+    held = load_prompts(tasks / "prompts_heldout.jsonl")
+    held_keywords = {r["keyword"].lower() for r in held}
+    copy_train = [json.loads(line) for line in (tasks / "copy_train.jsonl").open(encoding="utf-8")]
+    copy_val = load_prompts(tasks / "copy_val.jsonl")
+    assert len(copy_train) > 50_000 and len(copy_val) == 200
+    assert not {r["completion"] for r in copy_train} & {r["completion"] for r in copy_val}
+    for r in copy_train + copy_val:
+        assert r["completion"] in r["prompt"] and check(r, r["completion"]) and not check(r, r["completion"][:-1])
+        first = (re.findall(r"[a-z]+|[\u4e00-\u9fff]", r["completion"].lower()) or [""])[0]
+        assert first not in held_keywords  # no copied line begins with one
+    assert {"Repeat" in r["prompt"] for r in copy_train} == {True, False}  # English and Chinese lines
+    rl = load_prompts(tasks / "prompts_rl.jsonl")
+    train_keywords = {json.loads(line)["keyword"] for line in (tasks / "sft_train.jsonl").open(encoding="utf-8")}
+    fresh = [r for r in rl if r["kind"] == "en"]
+    assert len(fresh) == 1500 and all(1 <= r["answers"] <= 3 for r in fresh)
+    assert not {r["keyword"] for r in fresh} & (train_keywords | {r["keyword"] for r in held})
+    assert {r["keyword"] for r in rl if r["kind"] == "zh"} <= train_keywords
 
 
 def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks):

@@ -141,6 +141,14 @@ def cmd_dpo(args: argparse.Namespace) -> None:
           f"margin {result['val_reward_margin']:.3f} -> {args.out}")
 
 
+def cmd_pairs(args: argparse.Namespace) -> None:
+    from chatforge.stages.pairs import run_pairs
+
+    result = run_pairs(args.policy, args.prompts, args.reward, args.out, args.group, args.temperature,
+                       args.max_new_tokens, args.limit, args.seed)
+    print(f"pairs: {result['pairs']:,} pairs from {result['prompts']:,} prompts -> {args.out}")
+
+
 def cmd_rl(args: argparse.Namespace) -> None:
     """ppo and grpo: --reward is a reward-model run folder or a module:function."""
     from chatforge.config import load_config
@@ -290,12 +298,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dpo", help="direct preference optimisation against the frozen starting model",
                        description="Rows {\"prompt\", \"chosen\", \"rejected\"}. dpo.beta=0.1, "
-                       "dpo.loss=sigmoid|ipo|cdpo, dpo.label_smoothing (cdpo).")
+                       "dpo.loss=sigmoid|ipo|cdpo, dpo.label_smoothing (cdpo), dpo.nll_coef (RPO: NLL on chosen).")
     p.add_argument("--init", required=True, help="run folder of the policy to start from (the SFT model)")
     p.add_argument("--data", required=True, help="training preference pairs, .jsonl")
     p.add_argument("--val", required=True, help="held-out preference pairs, .jsonl")
     add_run_flags(p, "configs/demo-dpo.toml", "runs/default/dpo")
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("pairs", help="preference pairs from a policy's own samples, for DPO",
+                       description="Sample --group replies to each prompt, score them with --reward, and write the "
+                       "best and the worst as {\"prompt\", \"chosen\", \"rejected\"} when they differ.")
+    p.add_argument("--policy", required=True, help="run folder of the policy to sample (the SFT model)")
+    p.add_argument("--prompts", required=True, help="prompt rows {\"prompt\", ...}, .jsonl")
+    p.add_argument("--reward", required=True, help="a module:function (the labeller) or a reward-model run folder")
+    p.add_argument("--out", required=True, help="the pairs file to write, .jsonl")
+    p.add_argument("--group", type=int, default=4, help="replies sampled per prompt (default 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="longest reply, in tokens (default 40)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_pairs)
 
     rl_help = ("rl.prompts_per_rollout, rl.group_size, rl.epochs (minibatch: train.batch_size replies), "
                "rl.kl_coef, rl.kl_target (adaptive), rl.no_end_penalty, rl.max_new_tokens, rl.temperature")

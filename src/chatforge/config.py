@@ -55,6 +55,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the pull towards the reference model
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo | cdpo (label-smoothed, "conservative" DPO)
     label_smoothing: float = 0.0  # cdpo: the assumed share of flipped preference labels
+    nll_coef: float = 0.0  # > 0: add this × the chosen reply's per-token NLL (RPO, Pang et al., 2024)
 
 
 @dataclass

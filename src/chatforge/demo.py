@@ -35,7 +35,9 @@ CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
 PROMPTS = ["ROMEO:\n", "And God said, ", "床前明月光，"]
 ALIGNERS = ("ppo", "dpo", "grpo")
 TASK_FILES = ("sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl",
-              "prompts_heldout.jsonl", "classify_train.jsonl", "classify_val.jsonl")
+              "prompts_heldout.jsonl", "copy_train.jsonl", "copy_val.jsonl", "prompts_rl.jsonl",
+              "classify_train.jsonl", "classify_val.jsonl")
+COPY_CHECK = 100  # held-out lines the copy phase is scored on
 
 
 def run_stage(name: str, folder: Path, done: list[str], fn: Callable[[str | None], object]) -> dict:
@@ -56,6 +58,21 @@ def run_stage(name: str, folder: Path, done: list[str], fn: Callable[[str | None
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def run_copy(out: Path, tasks: Path, resume: str | None) -> None:
+    """The copy phase (SFT on "Repeat this line"), then its own held-out number: how many of
+    COPY_CHECK lines it never trained on it repeats exactly, greedy, added to its eval.json."""
+    from chatforge.eval.task import evaluate_task, load_prompts
+
+    run_sft(load_config(REPO / "configs" / "demo-copy.toml"), out / "pretrain", tasks / "copy_train.jsonl",
+            out / "copy", tasks / "copy_val.jsonl", resume)
+    scored = evaluate_task(load_run_model(out / "copy"), load_tokenizer(out / "copy"),
+                           load_prompts(str(tasks / "copy_val.jsonl"))[:COPY_CHECK], max_new_tokens=64)
+    result = json.loads((out / "copy" / "eval.json").read_text())
+    result["copy_exact"] = scored["success"]
+    (out / "copy" / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "copy" / "copy_samples.json").write_text(json.dumps(scored["samples"], indent=2, ensure_ascii=False) + "\n")
+
+
 def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides: list[str] | None = None,
              align: tuple[str, ...] = ("ppo",), fresh: bool = False) -> dict:
     """`align`: which of ppo, dpo, grpo to run after the reward model (in that order). `fresh`: delete
@@ -72,19 +89,19 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     t0, r = time.perf_counter(), {}
     tasks, configs = out / "tasks", REPO / "configs"
 
-    print("== 1/10 tokenizer: byte-level BPE on the demo corpus")
+    print("== 1/11 tokenizer: byte-level BPE on the demo corpus")
     run_stage("tokenizer", out / "tokenizer", ["tokenizer.json"],
               lambda _: save_tokenizer(train_tokenizer(lambda: iter_corpus([CORPUS]), 4096), out / "tokenizer"))
     whole, seen = cjk_coverage(load_tokenizer(out / "tokenizer"), lambda: iter_corpus([CORPUS]))
     print(f"   {whole:,} of the corpus's {seen:,} distinct Chinese characters are one token")
 
-    print("== 2/10 prepare: token shards, split by document")
+    print("== 2/11 prepare: token shards, split by document")
     run_stage("prepare", out / "data", ["meta.json"], lambda _: prepare([str(CORPUS)], out / "tokenizer", out / "data"))
     meta = json.loads((out / "data" / "meta.json").read_text())
     print(f"   train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens; "
           f"unigram baseline {meta['val_unigram_bpb']:.3f} bits/byte")
 
-    print("== 3/10 pretrain")
+    print("== 3/11 pretrain")
     cfg = load_config(config or configs / "demo.toml", [f"data.dir={out / 'data'}", *(overrides or [])])
     pre = run_stage("pretrain", out / "pretrain", ["model.safetensors", "eval.json"],
                     lambda resume: run_pretrain(cfg, out / "pretrain", resume))
@@ -96,18 +113,24 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         text = "".join(stream_text(model, tok, prompt, Sampling(max_new_tokens=50, top_p=0.95, seed=i)))
         print(f"   --- {prompt!r}\n{prompt}{text}")
 
-    print("== 4/10 tasks: verse on request, from real corpus lines; held-out keywords")
+    print("== 4/11 tasks: verse on request, from real corpus lines; held-out keywords")
     run_stage("tasks", tasks, list(TASK_FILES),
               lambda _: (build_tasks(CORPUS, tasks), build_source_labels(CORPUS, tasks)))
 
-    print("== 5/10 sft: assistant-only loss on the instructions")
+    print("== 5/11 copy: SFT on \"Repeat this line\", so that keywords never taught can be copied")
+    cp = run_stage("copy", out / "copy", ["model.safetensors", "eval.json", "copy_samples.json"],
+                   lambda resume: run_copy(out, tasks, resume))
+    r["copy_exact"] = cp["copy_exact"]
+    print(f"   held-out lines repeated exactly: {cp['copy_exact']:.0%} of {COPY_CHECK}")
+
+    print("== 6/11 sft: assistant-only loss on the instructions, from the copy phase")
     sft = run_stage("sft", out / "sft", ["model.safetensors", "eval.json"],
-                    lambda resume: run_sft(load_config(configs / "demo-sft.toml"), out / "pretrain",
+                    lambda resume: run_sft(load_config(configs / "demo-sft.toml"), out / "copy",
                                            tasks / "sft_train.jsonl", out / "sft", tasks / "sft_val.jsonl", resume))
     r["sft_val_loss"] = sft.get("val_loss")
     print(f"   held-out loss on assistant tokens {sft['val_loss']:.3f}")
 
-    print("== 6/10 rm: a reward model from the SFT model, on preference pairs (Bradley-Terry)")
+    print("== 7/11 rm: a reward model from the SFT model, on preference pairs (Bradley-Terry)")
     rm = run_stage("rm", out / "rm", ["reward.safetensors", "eval.json"],
                    lambda resume: run_reward(load_config(configs / "demo-rm.toml"), out / "sft",
                                              tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out / "rm",
@@ -115,13 +138,13 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     r["rm_accuracy"] = rm["val_accuracy"]
     print(f"   held-out pairwise accuracy {rm['val_accuracy']:.1%} on {rm['val_pairs']} pairs (chance 50%)")
 
-    print(f"== 7/10 align: {', '.join(align) or 'none'} from the SFT model")
+    print(f"== 8/11 align: {', '.join(align) or 'none'} from the SFT model")
     runners = {
         "ppo": lambda resume: run_ppo(load_config(configs / "demo-ppo.toml"), out / "sft",
-                                      tasks / "prompts_train.jsonl", out / "ppo", out / "rm",
+                                      tasks / "prompts_rl.jsonl", out / "ppo", out / "rm",
                                       tasks / "prompts_heldout.jsonl", resume),
         "grpo": lambda resume: run_grpo(load_config(configs / "demo-grpo.toml"), out / "sft",
-                                        tasks / "prompts_train.jsonl", out / "grpo", None,
+                                        tasks / "prompts_rl.jsonl", out / "grpo", None,
                                         tasks / "prompts_heldout.jsonl", resume),
         "dpo": lambda resume: run_dpo(load_config(configs / "demo-dpo.toml"), out / "sft", tasks / "prefs_train.jsonl",
                                       tasks / "prefs_val.jsonl", out / "dpo", resume),
@@ -140,7 +163,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
             r[f"{name}_preference_accuracy"] = result["val_reward_accuracy"]
             print(f"   {name}: held-out implicit-reward accuracy {result['val_reward_accuracy']:.1%}")
 
-    print("== 8/10 classify: which source is this line from?")
+    print("== 9/11 classify: which source is this line from?")
     cls = run_stage("classify", out / "classify", ["classifier.safetensors", "eval.json"],
                     lambda resume: run_classify(load_config(configs / "demo-classify.toml"), out / "pretrain",
                                                 tasks / "classify_train.jsonl", tasks / "classify_val.jsonl",
@@ -148,7 +171,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     r.update(classify_accuracy=cls["val_accuracy"], classify_majority=cls["majority_baseline"])
     print(f"   held-out accuracy {cls['val_accuracy']:.1%} (majority class {cls['majority_baseline']:.1%})")
 
-    print("== 9/10 eval: every model on the held-out splits (bits/byte, task, WordNet choice, harms, reward model)")
+    print("== 10/11 eval: every model on the held-out splits (bits/byte, task, WordNet choice, harms, reward model)")
     from chatforge.eval.suite import evaluate_runs
 
     report = evaluate_runs(out)
@@ -161,7 +184,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         print(f"   {name}: {shown}")
     r["choice_chance"] = report["chance"]["choice"]
 
-    for stage in ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", *align, "classify", "eval"):
+    for stage in ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", *align, "classify", "eval"):
         energy = load_energy(out / stage)
         if energy:
             r[f"{'prepare' if stage == 'data' else stage}_seconds"] = round(energy["seconds"], 1)
@@ -171,7 +194,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     r["this_run_seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(r, indent=2) + "\n")
 
-    print("== 10/10 report: numbers, plots, samples side by side, energy")
+    print("== 11/11 report: numbers, plots, samples side by side, energy")
     from chatforge.report.build import build_report
     from chatforge.report.tables import results_table
 

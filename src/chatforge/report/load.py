@@ -14,9 +14,10 @@ from pathlib import Path
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "classify")
+STAGES = ("pretrain", "copy", "sft", "rm", "ppo", "dpo", "grpo", "classify")
 # Folders whose energy.json the report sums, in pipeline order ("data" is `chatforge prepare`'s folder).
-ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "sft", "rm", "ppo", "dpo", "grpo", "classify", "eval")
+ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "ppo", "dpo", "grpo", "classify",
+                 "eval")
 MODELS = ("base", "sft", "ppo", "dpo", "grpo")
 # Which stage folder makes each model; "base" is the pre-trained model.
 MODEL_STAGE = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}

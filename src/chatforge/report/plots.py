@@ -19,8 +19,8 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 from chatforge.report.load import ENERGY_STAGES, MODELS, series  # noqa: E402
 
 DPI = 100
-COLORS = {"pretrain": "#1f77b4", "sft": "#ff7f0e", "rm": "#2ca02c", "ppo": "#d62728", "dpo": "#9467bd",
-          "grpo": "#8c564b", "classify": "#e377c2", "base": "#7f7f7f"}
+COLORS = {"pretrain": "#1f77b4", "copy": "#bcbd22", "sft": "#ff7f0e", "rm": "#2ca02c", "ppo": "#d62728",
+          "dpo": "#9467bd", "grpo": "#8c564b", "classify": "#e377c2", "base": "#7f7f7f"}
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> str:

@@ -11,16 +11,18 @@ import re
 
 from chatforge.report.load import model_metrics, series, stage_seconds, task_prompt_count
 
-LABELS = {"en": {"tokenizer": "tokenizer", "prepare": "prepare", "pretrain": "pretrain", "sft": "SFT",
+LABELS = {"en": {"tokenizer": "tokenizer", "prepare": "prepare", "pretrain": "pretrain", "copy": "copy", "sft": "SFT",
                  "rm": "reward model", "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "classify",
                  "eval": "eval", "energy": "energy"},
-          "zh": {"tokenizer": "分词器", "prepare": "数据准备", "pretrain": "预训练", "sft": "SFT", "rm": "奖励模型",
-                 "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "分类", "eval": "评测", "energy": "能耗"}}
+          "zh": {"tokenizer": "分词器", "prepare": "数据准备", "pretrain": "预训练", "copy": "复制", "sft": "SFT",
+                 "rm": "奖励模型", "ppo": "PPO", "grpo": "GRPO", "dpo": "DPO", "classify": "分类", "eval": "评测",
+                 "energy": "能耗"}}
 # What to run for a stage that is missing (shown in the HTML/Markdown report, not in the README table).
 COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer",
             "prepare": "chatforge prepare --data CORPUS --tokenizer RUN/tokenizer --out RUN/data",
             "pretrain": "chatforge pretrain --config configs/demo.toml --out RUN/pretrain",
-            "sft": "chatforge sft --init RUN/pretrain --data ... --out RUN/sft",
+            "copy": "chatforge sft --init RUN/pretrain --data RUN/tasks/copy_train.jsonl --out RUN/copy",
+            "sft": "chatforge sft --init RUN/copy --data ... --out RUN/sft",
             "rm": "chatforge rm --init RUN/sft --data ... --val ... --out RUN/rm",
             "ppo": "chatforge ppo --policy RUN/sft --reward RUN/rm --prompts ... --out RUN/ppo",
             "grpo": "chatforge grpo --init RUN/sft --reward ... --prompts ... --out RUN/grpo",
@@ -32,6 +34,7 @@ COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer"
 SPLITS = {"tokenizer": "the val documents' tokens (data/val.bin)",
           "prepare": "every document goes to train or val by a hash of its text",
           "pretrain": "val documents (data/val.bin), never trained on",
+          "copy": "held-out lines (the copy_val file), never trained on",
           "sft": "held-out task prompts (keywords never seen in training)",
           "rm": "held-out preference pairs (the rm --val file)",
           "ppo": "held-out task prompts; reward on each round's fresh training prompts",
@@ -145,6 +148,17 @@ def _pretrain(info: dict, z: bool) -> list[dict]:
         base = f"{'一元模型' if z else 'unigram'} {num(uni, 3)} bpb"
         base += _paren(f"{num(ent, 3)} {nats}", z) if ent is not None else ""
     return [_row("pretrain", what, result, base, seconds(stage_seconds(info, "pretrain"), "zh" if z else "en"))]
+
+
+def _copy(info: dict, z: bool) -> list[dict]:
+    exact = _first(_num(info["stage_eval"].get("copy", {}), "copy_exact"), _num(info["results"], "copy_exact"))
+    if exact is None:
+        return []
+    what = ("复制阶段:“重复这句诗”,100 句从未训练过的留出诗句被逐字重复的比例" if z else
+            "copy phase: \"Repeat this line\", 100 held-out lines never trained on, repeated exactly")
+    base = ("基座模型没有归纳头(scripts/induction_probe.py)" if z else
+            "the base model has no induction head (scripts/induction_probe.py)")
+    return [_row("copy", what, f"**{pct(exact)}**", base, seconds(stage_seconds(info, "copy"), "zh" if z else "en"))]
 
 
 def _sft(info: dict, z: bool, n: str) -> list[dict]:
@@ -337,7 +351,8 @@ def stage_rows(info: dict, lang: str = "en", missing: bool = False) -> list[dict
     count = task_prompt_count(info)
     n = f"{count:,} " if count else ""
     builders = [("tokenizer", lambda: _tokenizer(info, z)), ("prepare", lambda: _prepare(info, z)),
-                ("pretrain", lambda: _pretrain(info, z)), ("sft", lambda: _sft(info, z, n)),
+                ("pretrain", lambda: _pretrain(info, z)), ("copy", lambda: _copy(info, z)),
+                ("sft", lambda: _sft(info, z, n)),
                 ("rm", lambda: _rm(info, z)), ("ppo", lambda: _ppo(info, z, n)), ("grpo", lambda: _grpo(info, z, n)),
                 ("dpo", lambda: _dpo(info, z)), ("classify", lambda: _classify(info, z)),
                 ("eval", lambda: _eval(info, z)), ("energy", lambda: _energy(info, z))]

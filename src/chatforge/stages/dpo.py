@@ -7,6 +7,10 @@ h = β[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y
     ipo (Azar et al., 2023, eq. 17):      L = (h/β − 1/(2β))²
 
 The implicit reward of a response is r = β(log π(y|x) − log π_ref(y|x)) (DPO §5).
+
+With `dpo.nll_coef` = α > 0, α × the chosen reply's negative log-likelihood per token is added (RPO:
+Pang et al., 2024, "Iterative Reasoning Preference Optimization", eq. 1). The DPO loss alone can lower
+log π(y_c|x) as long as log π(y_r|x) falls faster; the NLL term keeps the chosen replies likely.
 """
 
 from __future__ import annotations
@@ -89,12 +93,15 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
         apply_lora(model, cfg.lora)
     sampler = ExampleSampler(len(pairs), cfg.train.batch_size, cfg.train.seed)
     d = cfg.dpo
+    chosen_tokens = torch.tensor([float(sum(mask[1:])) for (_, mask), _ in pairs], device=device).clamp(min=1)
 
     def loss(m, idx: list[int]) -> torch.Tensor:
         batch = [pairs[i] for i in idx]
         both = sequence_logprobs(m, [c for c, _ in batch] + [r for _, r in batch], pad_token, device)
         value, _, _ = dpo_loss(both[: len(idx)], both[len(idx) :], ref_c[idx], ref_r[idx], d.beta, d.loss,
                                d.label_smoothing)
+        if d.nll_coef > 0:
+            value = value - d.nll_coef * (both[: len(idx)] / chosen_tokens[idx]).mean()
         return value
 
     def evaluate(m) -> dict:

@@ -24,6 +24,8 @@ WORD = re.compile(r"[a-z]+")
 EN_PROMPT = 'Write a line that begins with the word "{kw}".'
 ZH_PROMPT = "写一句以「{kw}」开头的{name}诗句。"
 ZH_NAMES = {5: "五言", 7: "七言"}
+EN_COPY = 'Repeat this line: "{line}"'
+ZH_COPY = "重复这句诗：「{line}」"
 
 
 def _held_out(keyword: str, fraction: float) -> bool:
@@ -55,6 +57,8 @@ def chinese_lines(text: str) -> list[str]:
 def check(row: dict, response: str) -> bool:
     """The constraint checker: the reward for GRPO and the judge for every held-out evaluation."""
     reply = response.strip()
+    if row["kind"] == "copy":  # the copy phase: the line, exactly
+        return reply == row["completion"]
     if not reply or "\n" in reply:
         return False
     if row["kind"] == "en":
@@ -72,9 +76,10 @@ def reward(prompt: str, response: str, **row) -> float:
 
 
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
-                seed: int = 0) -> dict[str, int]:
+                seed: int = 0, fresh_keywords: int = 1500) -> dict[str, int]:
     """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and
-    heldout: the held-out keywords).
+    heldout: the held-out keywords), and the copy phase's copy_{train,val}.jsonl and the RL prompts
+    prompts_rl.jsonl (see `copy_rows` and `rl_prompts`).
 
     Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
     real lines that would satisfy the prompt."""
@@ -143,8 +148,60 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     write("prefs_val.jsonl", prefs(val))
     write("prompts_train.jsonl", unique_prompts(train))
     write("prompts_heldout.jsonl", unique_prompts(val))
+    held = {r["keyword"] for r in val}
+    copy_train, copy_val = copy_rows(en, zh, held, seed)
+    write("copy_train.jsonl", copy_train)
+    write("copy_val.jsonl", copy_val)
+    rl = rl_prompts(en, by_word, unique_prompts(train), fresh_keywords, seed)
+    write("prompts_rl.jsonl", rl)
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(unique_prompts(train)),
-            "prompts_heldout": len(unique_prompts(val))}
+            "prompts_heldout": len(unique_prompts(val)), "copy_train": len(copy_train), "prompts_rl": len(rl)}
+
+
+def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0,
+              val_lines: int = 200) -> tuple[list[dict], list[dict]]:
+    """The copy phase's rows: "Repeat this line: ..." -> the line, for every corpus line that holds no
+    held-out keyword (English: as a word; Chinese: as a character), so no training prompt ever shows one.
+
+    Why: a reply that begins with a keyword the model has never been asked for must copy it from the
+    prompt, and the demo's pre-trained model cannot copy (scripts/induction_probe.py: no induction head).
+    Repeating ~30,000 distinct lines, each seen about twice, teaches copying as a skill rather than as
+    memorised lines (docs/rlhf.md, "Third round"). Returns (train, val); val's lines are not in train."""
+    def first(line: str) -> str:  # the word (English) or character (Chinese) a line begins with
+        words = WORD.findall(line.lower())
+        return line[0] if CJK.match(line[0]) else (words[0] if words else "")
+
+    held = {k.lower() for k in held_out}
+    keep_en = [x for x in en if first(x) not in held]
+    keep_zh = [x for x in zh if first(x) not in held]
+    rows = [{"prompt": EN_COPY.format(line=x), "completion": x, "kind": "copy"} for x in keep_en]
+    rows += [{"prompt": ZH_COPY.format(line=x), "completion": x, "kind": "copy"} for x in keep_zh]
+    random.Random(seed).shuffle(rows)
+    return rows[val_lines:], rows[:val_lines]
+
+
+def rl_prompts(en: list[str], by_word: dict[str, list[str]], train_prompts: list[dict], fresh_keywords: int,
+               seed: int = 0) -> list[dict]:
+    """Prompts for PPO and GRPO: the `fresh_keywords` English words most frequent in the corpus's lines
+    among those that begin only 1 to 3 of them (too few to be a task keyword, so no SFT or held-out
+    prompt asks for them), plus the Chinese training prompts.
+
+    Why fresh words: SFT has memorised an answer for every training keyword, so on those prompts the
+    policy already succeeds or never will, and RL has little to learn. On words it was never taught,
+    success needs the copy itself, and that is what RL can improve and what carries to held-out
+    keywords. Why frequent ones: held-out keywords are common words (they begin four lines or more); rare
+    words are longer and split into more tokens, a different copy (docs/rlhf.md)."""
+    frequency: dict[str, int] = {}
+    for line in en:
+        for w in re.findall(r"[A-Za-z]+", line):
+            frequency[w.capitalize()] = frequency.get(w.capitalize(), 0) + 1
+    rare = sorted(w for w, lines in by_word.items() if len(lines) < 4)
+    words = sorted(rare, key=lambda w: -frequency.get(w, 0))[:fresh_keywords]
+    rows = [{"prompt": EN_PROMPT.format(kw=w), "keyword": w, "kind": "en", "length": 0,
+             "answers": len(by_word[w])} for w in words]
+    rows += [r for r in train_prompts if r["kind"] == "zh"]
+    random.Random(seed + 2).shuffle(rows)
+    return rows
 
 
 def build_source_labels(corpus: str | Path, out: str | Path, per_class: int = 1500, val_fraction: float = 0.2,
