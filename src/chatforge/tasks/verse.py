@@ -160,13 +160,17 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
 
 def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0,
               val_lines: int = 200) -> tuple[list[dict], list[dict]]:
-    """The copy phase's rows: "Repeat this line: ..." -> the line, for every corpus line that holds no
-    held-out keyword (English: as a word; Chinese: as a character), so no training prompt ever shows one.
+    """The copy phase's rows: "Repeat this line: ..." -> the line, for every corpus line that does not
+    begin with a held-out keyword (its first word, or its first character), so no training reply ever
+    starts with one and no training prompt asks for one.
 
     Why: a reply that begins with a keyword the model has never been asked for must copy it from the
     prompt, and the demo's pre-trained model cannot copy (scripts/induction_probe.py: no induction head).
-    Repeating ~30,000 distinct lines, each seen about twice, teaches copying as a skill rather than as
-    memorised lines (docs/rlhf.md, "Third round"). Returns (train, val); val's lines are not in train."""
+    Repeating ~77,000 distinct lines, each seen less than once, teaches copying as a skill rather than as
+    memorised lines. Lines with a held-out keyword further in are kept: copying those tokens is the
+    generic skill, and without them no held-out Chinese character is ever copied (docs/sft.md).
+    Returns (train, val); val's lines are not in train."""
+
     def first(line: str) -> str:  # the word (English) or character (Chinese) a line begins with
         words = WORD.findall(line.lower())
         return line[0] if CJK.match(line[0]) else (words[0] if words else "")
