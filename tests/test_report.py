@@ -229,3 +229,14 @@ def test_a_single_stage_run_folder_reports_its_stage(tmp_path):
     assert "77.7%" in table and "321 held-out pairs" in table and "12.0 s" in table
     page = build_report(run, tmp_path / "out").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") >= 2  # its loss curve and its held-out accuracy
+
+
+def test_the_copy_phase_has_its_row_before_sft(tmp_path):
+    run = make_run(tmp_path)
+    assert "| copy |" not in results_table(run)  # a run without a copy phase: no row
+    _write_json(run / "copy" / "eval.json", {"val_loss": 0.13, "copy_exact": 0.96})
+    en, zh = results_table(run), results_table(run, "zh")
+    row = next(line for line in en.splitlines() if line.startswith("| copy |"))
+    assert "repeated exactly" in row and "**96.0%**" in row
+    assert en.index("| copy |") < en.index("| SFT |")
+    assert "| 复制 |" in zh and "**96.0%**" in zh
