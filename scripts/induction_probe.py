@@ -13,8 +13,6 @@ Prints the mean loss (nats per token) and top-1 accuracy over tokens 2..L of eac
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import random
 from pathlib import Path
 
@@ -22,20 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from chatforge.model.io import load_run_model
-from chatforge.tasks.verse import english_lines
+from chatforge.tasks.verse import corpus_lines
 from chatforge.tokenizer import load_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "demo" / "corpus.jsonl.gz"
-
-
-def shakespeare_lines(corpus: Path = CORPUS) -> list[str]:
-    lines: set[str] = set()
-    with gzip.open(corpus, "rt", encoding="utf-8") as f:
-        for row in f:
-            doc = json.loads(row)
-            if doc["source"] == "shakespeare":
-                lines.update(english_lines(doc["text"]))
-    return sorted(lines)
 
 
 @torch.no_grad()
@@ -43,7 +31,7 @@ def probe(run: str, n_lines: int = 200, seed: int = 1) -> dict[str, float]:
     model, tok = load_run_model(run), load_tokenizer(run)
     newline = tok.encode("\n").ids
     totals = {"loss_first": 0.0, "loss_second": 0.0, "top1_first": 0.0, "top1_second": 0.0}
-    lines = random.Random(seed).sample(shakespeare_lines(), n_lines)
+    lines = random.Random(seed).sample(corpus_lines(CORPUS)[0], n_lines)
     for line in lines:
         ids = tok.encode(line).ids[: (model.cfg.context - len(newline)) // 2]
         seq = torch.tensor(ids + newline + ids)

@@ -21,15 +21,7 @@ import torch
 from chatforge.config import RLConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model
-from chatforge.stages.rollout import (
-    Round,
-    function_scores,
-    load_prompt_rows,
-    load_reward_function,
-    model_scores,
-    same_tokenizer,
-    sample_round,
-)
+from chatforge.stages.rollout import Round, load_prompt_rows, load_scorer, sample_round
 from chatforge.tokenizer import load_tokenizer
 
 
@@ -71,20 +63,8 @@ def run_pairs(policy_run: str | Path, prompts: str | Path, reward: str, out: str
     tok = load_tokenizer(policy_run)
     policy = load_run_model(policy_run)
     rows = load_prompt_rows(prompts, tok, policy.cfg.context - max_new_tokens)[:limit]
-    if Path(reward).is_dir():
-        from chatforge.stages.reward import load_reward_model
-
-        same_tokenizer(policy_run, reward)
-        reward_model = load_reward_model(reward).eval()
-
-        def score(rnd: Round) -> torch.Tensor:
-            return model_scores(reward_model, tok, rnd)
-    else:
-        fn = load_reward_function(reward)
-
-        def score(rnd: Round) -> torch.Tensor:
-            return function_scores(fn, reward, rnd)
-
+    is_run = Path(reward).is_dir()
+    score, _ = load_scorer(policy_run, tok, reward if is_run else None, "" if is_run else reward)
     rl = RLConfig(group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens)
     pairs = sample_pairs(policy, tok, rows, rl, score, seed)
     if not pairs:

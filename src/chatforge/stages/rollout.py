@@ -158,6 +158,20 @@ def function_scores(fn: Callable[..., float], spec: str, rnd: Round) -> torch.Te
     return torch.tensor(scores, device=rnd.sequences.device)
 
 
+def load_scorer(policy_run: str | Path, tok: Tokenizer, reward_run: str | Path | None = None,
+                reward_fn: str = "") -> tuple[Callable[[Round], torch.Tensor], torch.nn.Module | None]:
+    """The reward of each reply of a round: the function `reward_fn` (module:function) when given, else the
+    reward model in `reward_run`, which must share the policy's tokenizer. Also returns that reward model
+    (None for a function), for the caller to place on its device."""
+    if reward_run:
+        same_tokenizer(policy_run, reward_run)
+    if reward_fn:
+        fn = load_reward_function(reward_fn)
+        return (lambda rnd: function_scores(fn, reward_fn, rnd)), None
+    reward_model = load_reward_model(reward_run).eval()
+    return (lambda rnd: model_scores(reward_model, tok, rnd)), reward_model
+
+
 @torch.no_grad()
 def model_scores(reward_model: torch.nn.Module, tok: Tokenizer, rnd: Round, chunk: int = 64) -> torch.Tensor:
     """The reward model's score of each (prompt, reply), tokenized exactly as its training pairs were."""
@@ -215,12 +229,7 @@ class RLRun:
         room = self.policy.cfg.context - self.rl.max_new_tokens
         self.rows = load_prompt_rows(prompts, self.tok, room)
         self.val_rows = load_prompt_rows(val, self.tok, room)[:64] if val else []
-        self.reward_fn = load_reward_function(self.rl.reward) if self.rl.reward else None
-        self.reward_model = None
-        if reward_run:
-            same_tokenizer(init, reward_run)
-            if not self.reward_fn:
-                self.reward_model = load_reward_model(reward_run)
+        self.score, self.reward_model = load_scorer(init, self.tok, reward_run, self.rl.reward)
         if cfg.lora.r > 0:
             apply_lora(self.policy, cfg.lora)
         self.device = pick_device(cfg.train.device)
@@ -233,11 +242,6 @@ class RLRun:
         self.batches: list[torch.Tensor] = []
         self.round_stats: dict = {}
         self.step_stats: dict = {}
-
-    def score(self, rnd: Round) -> torch.Tensor:
-        if self.reward_fn:
-            return function_scores(self.reward_fn, self.rl.reward, rnd)
-        return model_scores(self.reward_model, self.tok, rnd)
 
     @torch.no_grad()
     def sample(self) -> Round:

@@ -75,6 +75,20 @@ def reward(prompt: str, response: str, **row) -> float:
     return float(check({"prompt": prompt, **row}, response))
 
 
+def corpus_lines(corpus: str | Path) -> tuple[list[str], list[str]]:
+    """The corpus's distinct English task lines (Shakespeare) and Chinese half lines (Tang and Song), sorted."""
+    en: set[str] = set()
+    zh: set[str] = set()
+    with gzip.open(corpus, "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["source"] == "shakespeare":
+                en.update(english_lines(doc["text"]))
+            elif doc["source"] in ("tang", "song"):
+                zh.update(chinese_lines(doc["text"]))
+    return sorted(en), sorted(zh)
+
+
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
                 seed: int = 0, fresh_keywords: int = 1500) -> dict[str, int]:
     """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and
@@ -83,16 +97,7 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
 
     Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
     real lines that would satisfy the prompt."""
-    en: list[str] = []
-    zh: list[str] = []
-    with gzip.open(corpus, "rt", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)
-            if doc["source"] == "shakespeare":
-                en += english_lines(doc["text"])
-            elif doc["source"] in ("tang", "song"):
-                zh += chinese_lines(doc["text"])
-    en, zh = sorted(set(en)), sorted(set(zh))
+    en, zh = corpus_lines(corpus)
     by_word: dict[str, list[str]] = {}
     for line in en:
         first = re.match(r"[A-Za-z]+", line)
@@ -146,16 +151,17 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     write("sft_val.jsonl", [{k: v for k, v in r.items() if k != "rejected"} for r in val])
     write("prefs_train.jsonl", prefs(train))
     write("prefs_val.jsonl", prefs(val))
-    write("prompts_train.jsonl", unique_prompts(train))
-    write("prompts_heldout.jsonl", unique_prompts(val))
+    train_prompts, heldout_prompts = unique_prompts(train), unique_prompts(val)
+    write("prompts_train.jsonl", train_prompts)
+    write("prompts_heldout.jsonl", heldout_prompts)
     held = {r["keyword"] for r in val}
     copy_train, copy_val = copy_rows(en, zh, held, seed)
     write("copy_train.jsonl", copy_train)
     write("copy_val.jsonl", copy_val)
-    rl = rl_prompts(en, by_word, unique_prompts(train), fresh_keywords, seed)
+    rl = rl_prompts(en, by_word, train_prompts, fresh_keywords, seed)
     write("prompts_rl.jsonl", rl)
-    return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(unique_prompts(train)),
-            "prompts_heldout": len(unique_prompts(val)), "copy_train": len(copy_train), "prompts_rl": len(rl)}
+    return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(train_prompts),
+            "prompts_heldout": len(heldout_prompts), "copy_train": len(copy_train), "prompts_rl": len(rl)}
 
 
 def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0,
