@@ -234,9 +234,10 @@ def test_a_single_stage_run_folder_reports_its_stage(tmp_path):
 def test_the_copy_phase_has_its_row_before_sft(tmp_path):
     run = make_run(tmp_path)
     assert "| copy |" not in results_table(run)  # a run without a copy phase: no row
-    _write_json(run / "copy" / "eval.json", {"val_loss": 0.13, "copy_exact": 0.96})
+    _write_json(run / "copy" / "eval.json", {"val_loss": 0.13, "copy_exact": 0.96, "copy_exact_en": 0.98,
+                                              "copy_exact_zh": 0.94})
     en, zh = results_table(run), results_table(run, "zh")
     row = next(line for line in en.splitlines() if line.startswith("| copy |"))
-    assert "repeated exactly" in row and "**96.0%**" in row
+    assert "repeated exactly" in row and "**96.0%** (English 98.0%, Chinese 94.0%)" in row
     assert en.index("| copy |") < en.index("| SFT |")
-    assert "| 复制 |" in zh and "**96.0%**" in zh
+    assert "| 复制 |" in zh and "**96.0%** (英文 98.0%,中文 94.0%)" in zh

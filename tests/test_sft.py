@@ -14,9 +14,9 @@ from chatforge.model.io import load_run_model
 from chatforge.model.lora import LoRAConfig, apply_lora, merge_lora
 from chatforge.stages.classify import predict, run_classify
 from chatforge.stages.sft import run_sft
-from chatforge.tasks.verse import check
+from chatforge.tasks.verse import check, corpus_lines
 from chatforge.tokenizer import load_tokenizer
-from conftest import REPO, sft_config
+from conftest import DEMO_CORPUS, REPO, sft_config
 
 
 def test_task_rows_are_real_answers_and_keywords_held_out(tasks):
@@ -34,19 +34,26 @@ def test_copy_rows_and_rl_prompts_never_ask_for_a_held_out_keyword(tasks):
     held_keywords = {r["keyword"].lower() for r in held}
     copy_train = [json.loads(line) for line in (tasks / "copy_train.jsonl").open(encoding="utf-8")]
     copy_val = load_prompts(tasks / "copy_val.jsonl")
-    assert len(copy_train) > 50_000 and len(copy_val) == 200
+    assert len(copy_train) > 40_000 and len(copy_val) == 200
+    zh_train = [r["completion"] for r in copy_train if "Repeat" not in r["prompt"]]
+    assert 0.2 < len(zh_train) / len(copy_train) < 0.3  # Chinese is a quarter of the rows, not its natural 4%
+    assert sum("Repeat" in r["prompt"] for r in copy_val) == 100  # held-out lines: half English, half Chinese
+    zh_real = {line for _, zh in [corpus_lines(DEMO_CORPUS)] for line in zh}
+    shuffled = [x for x in zh_train if x not in zh_real]
+    assert len(shuffled) > 2 * len(zh_train) / 3 - 100  # three shuffles of each real line (a few are real lines)
     assert not {r["completion"] for r in copy_train} & {r["completion"] for r in copy_val}
     for r in copy_train + copy_val:
         assert r["completion"] in r["prompt"] and check(r, r["completion"]) and not check(r, r["completion"][:-1])
         first = (re.findall(r"[a-z]+|[\u4e00-\u9fff]", r["completion"].lower()) or [""])[0]
         assert first not in held_keywords  # no copied line begins with one
-    assert {"Repeat" in r["prompt"] for r in copy_train} == {True, False}  # English and Chinese lines
     rl = load_prompts(tasks / "prompts_rl.jsonl")
     train_keywords = {json.loads(line)["keyword"] for line in (tasks / "sft_train.jsonl").open(encoding="utf-8")}
     fresh = [r for r in rl if r["kind"] == "en"]
     assert len(fresh) == 1500 and all(1 <= r["answers"] <= 3 for r in fresh)
     assert not {r["keyword"] for r in fresh} & (train_keywords | {r["keyword"] for r in held})
-    assert {r["keyword"] for r in rl if r["kind"] == "zh"} <= train_keywords
+    fresh_zh = [r for r in rl if r["kind"] == "zh"]
+    assert len(fresh_zh) == 1000 and all(r["answers"] <= 1 for r in fresh_zh)
+    assert not {r["keyword"] for r in fresh_zh} & (train_keywords | {r["keyword"] for r in held})
 
 
 def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks):

@@ -22,7 +22,7 @@ COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer"
             "prepare": "chatforge prepare --data CORPUS --tokenizer RUN/tokenizer --out RUN/data",
             "pretrain": "chatforge pretrain --config configs/demo.toml --out RUN/pretrain",
             "copy": "chatforge sft --init RUN/pretrain --data RUN/tasks/copy_train.jsonl --out RUN/copy",
-            "sft": "chatforge sft --init RUN/copy --data ... --out RUN/sft",
+            "sft": "chatforge sft --init RUN/copy --data RUN/tasks/sft_replay.jsonl --out RUN/sft",
             "rm": "chatforge rm --init RUN/sft --data ... --val ... --out RUN/rm",
             "ppo": "chatforge ppo --policy RUN/sft --reward RUN/rm --prompts ... --out RUN/ppo",
             "grpo": "chatforge grpo --init RUN/sft --reward ... --prompts ... --out RUN/grpo",
@@ -151,14 +151,20 @@ def _pretrain(info: dict, z: bool) -> list[dict]:
 
 
 def _copy(info: dict, z: bool) -> list[dict]:
-    exact = _first(_num(info["stage_eval"].get("copy", {}), "copy_exact"), _num(info["results"], "copy_exact"))
+    copy_eval = info["stage_eval"].get("copy", {})
+    exact = _first(_num(copy_eval, "copy_exact"), _num(info["results"], "copy_exact"))
     if exact is None:
         return []
-    what = ("复制阶段:“重复这句诗”,100 句从未训练过的留出诗句被逐字重复的比例" if z else
-            "copy phase: \"Repeat this line\", 100 held-out lines never trained on, repeated exactly")
+    what = ("复制阶段:“重复这句诗”,从未训练过的留出诗句(英文、中文各半)被逐字重复的比例" if z else
+            "copy phase: \"Repeat this line\", held-out lines never trained on (half English, half Chinese), "
+            "repeated exactly")
+    result = f"**{pct(exact)}**"
+    en, zh = _num(copy_eval, "copy_exact_en"), _num(copy_eval, "copy_exact_zh")
+    if en is not None and zh is not None:
+        result += f" (英文 {pct(en)},中文 {pct(zh)})" if z else f" (English {pct(en)}, Chinese {pct(zh)})"
     base = ("基座模型没有归纳头(scripts/induction_probe.py)" if z else
             "the base model has no induction head (scripts/induction_probe.py)")
-    return [_row("copy", what, f"**{pct(exact)}**", base, seconds(stage_seconds(info, "copy"), "zh" if z else "en"))]
+    return [_row("copy", what, result, base, seconds(stage_seconds(info, "copy"), "zh" if z else "en"))]
 
 
 def _sft(info: dict, z: bool, n: str) -> list[dict]:

@@ -92,8 +92,9 @@ def corpus_lines(corpus: str | Path) -> tuple[list[str], list[str]]:
 def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 0.2, per_keyword: int = 3,
                 seed: int = 0, fresh_keywords: int = 1500) -> dict[str, int]:
     """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and
-    heldout: the held-out keywords), and the copy phase's copy_{train,val}.jsonl and the RL prompts
-    prompts_rl.jsonl (see `copy_rows` and `rl_prompts`).
+    heldout: the held-out keywords), the copy phase's copy_{train,val}.jsonl, sft_replay.jsonl (the
+    demo's SFT data: sft_train's rows plus as many copy rows) and the RL prompts prompts_rl.jsonl (see
+    `copy_rows` and `rl_prompts`).
 
     Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
     real lines that would satisfy the prompt."""
@@ -158,43 +159,74 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     copy_train, copy_val = copy_rows(en, zh, held, seed)
     write("copy_train.jsonl", copy_train)
     write("copy_val.jsonl", copy_val)
-    rl = rl_prompts(en, by_word, train_prompts, fresh_keywords, seed)
+    # the task's SFT rows and as many copy rows, replayed so that SFT keeps the copy (docs/sft.md)
+    replay = [{k: v for k, v in r.items() if k != "rejected"} for r in train]
+    replay += random.Random(seed + 3).sample(copy_train, len(train))
+    random.Random(seed + 4).shuffle(replay)
+    write("sft_replay.jsonl", replay)
+    rl = rl_prompts(en, zh, by_word, by_char, fresh_keywords, seed)
     write("prompts_rl.jsonl", rl)
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(train_prompts),
-            "prompts_heldout": len(heldout_prompts), "copy_train": len(copy_train), "prompts_rl": len(rl)}
+            "prompts_heldout": len(heldout_prompts), "copy_train": len(copy_train), "sft_replay": len(replay),
+            "prompts_rl": len(rl)}
 
 
-def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0,
-              val_lines: int = 200) -> tuple[list[dict], list[dict]]:
-    """The copy phase's rows: "Repeat this line: ..." -> the line, for every corpus line that does not
-    begin with a held-out keyword (its first word, or its first character), so no training reply ever
-    starts with one and no training prompt asks for one.
+def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0, val_lines: int = 200,
+              en_lines: int = 36_000, zh_shuffles: int = 3) -> tuple[list[dict], list[dict]]:
+    """The copy phase's rows: "Repeat this line: ..." -> the line, for corpus lines that do not begin
+    with a held-out keyword (its first word, or its first character), so no training reply ever starts
+    with one and no training prompt asks for one.
 
     Why: a reply that begins with a keyword the model has never been asked for must copy it from the
     prompt, and the demo's pre-trained model cannot copy (scripts/induction_probe.py: no induction head).
-    Repeating ~77,000 distinct lines, each seen less than once, teaches copying as a skill rather than as
-    memorised lines. Lines with a held-out keyword further in are kept: copying those tokens is the
-    generic skill, and without them no held-out Chinese character is ever copied (docs/sft.md).
-    Returns (train, val); val's lines are not in train."""
+    Repeating tens of thousands of distinct lines, each seen about once, teaches copying as a skill rather
+    than as memorised lines. Lines with a held-out keyword further in are kept: copying those tokens is
+    the generic skill, and without them no held-out Chinese character is ever copied (docs/sft.md).
+
+    Chinese: the corpus has only ~3,200 distinct half lines against ~73,000 English ones; at their natural
+    share (4%) the model never learns to copy Chinese at all (0 of 100 held-out lines). So every Chinese
+    line also comes `zh_shuffles` times with its characters shuffled (none starting with a held-out
+    keyword): real characters in an order no poem has, which can only be repeated by copying, not
+    recalled. English is capped at `en_lines` lines so Chinese is about a quarter of the rows.
+    Returns (train, val); val is half English and half Chinese real lines, none of them in train."""
 
     def first(line: str) -> str:  # the word (English) or character (Chinese) a line begins with
         words = WORD.findall(line.lower())
         return line[0] if CJK.match(line[0]) else (words[0] if words else "")
 
     held = {k.lower() for k in held_out}
+    rng = random.Random(seed)
     keep_en = [x for x in en if first(x) not in held]
     keep_zh = [x for x in zh if first(x) not in held]
-    rows = [{"prompt": EN_COPY.format(line=x), "completion": x, "kind": "copy"} for x in keep_en]
-    rows += [{"prompt": ZH_COPY.format(line=x), "completion": x, "kind": "copy"} for x in keep_zh]
-    random.Random(seed).shuffle(rows)
-    return rows[val_lines:], rows[:val_lines]
+    rng.shuffle(keep_en)
+    rng.shuffle(keep_zh)
+    half = val_lines // 2
+    val_en, train_en = keep_en[:half], keep_en[half:half + en_lines]
+    val_zh, train_zh = keep_zh[:val_lines - half], keep_zh[val_lines - half:]
+    shuffled = []
+    for line in train_zh:
+        for _ in range(zh_shuffles):
+            chars = list(line)
+            rng.shuffle(chars)
+            if chars[0] not in held:
+                shuffled.append("".join(chars))
+    shuffled = [x for x in shuffled if x not in set(val_zh)]
+
+    def rows(en_part: list[str], zh_part: list[str]) -> list[dict]:
+        items = [{"prompt": EN_COPY.format(line=x), "completion": x, "kind": "copy", "lang": "en"} for x in en_part]
+        items += [{"prompt": ZH_COPY.format(line=x), "completion": x, "kind": "copy", "lang": "zh"} for x in zh_part]
+        rng.shuffle(items)
+        return items
+
+    return rows(train_en, train_zh + shuffled), rows(val_en, val_zh)
 
 
-def rl_prompts(en: list[str], by_word: dict[str, list[str]], train_prompts: list[dict], fresh_keywords: int,
-               seed: int = 0) -> list[dict]:
-    """Prompts for PPO and GRPO: the `fresh_keywords` English words most frequent in the corpus's lines
-    among those that begin only 1 to 3 of them (too few to be a task keyword, so no SFT or held-out
-    prompt asks for them), plus the Chinese training prompts.
+def rl_prompts(en: list[str], zh: list[str], by_word: dict[str, list[str]], by_char: dict[tuple[str, int], list[str]],
+               fresh_keywords: int, seed: int = 0) -> list[dict]:
+    """Prompts for PPO and GRPO, on keywords no SFT or held-out prompt asks for: the `fresh_keywords`
+    English words most frequent in the corpus's lines among those that begin only 1 to 3 of them (too few
+    to be a task keyword), and the `fresh_keywords // 3` most frequent Chinese characters that begin
+    fewer than two half lines of each length, each asked for at five and at seven characters.
 
     Why fresh words: SFT has memorised an answer for every training keyword, so on those prompts the
     policy already succeeds or never will, and RL has little to learn. On words it was never taught,
@@ -205,11 +237,17 @@ def rl_prompts(en: list[str], by_word: dict[str, list[str]], train_prompts: list
     for line in en:
         for w in re.findall(r"[A-Za-z]+", line):
             frequency[w.capitalize()] = frequency.get(w.capitalize(), 0) + 1
+    for line in zh:
+        for c in line:
+            frequency[c] = frequency.get(c, 0) + 1
     rare = sorted(w for w, lines in by_word.items() if len(lines) < 4)
     words = sorted(rare, key=lambda w: -frequency.get(w, 0))[:fresh_keywords]
     rows = [{"prompt": EN_PROMPT.format(kw=w), "keyword": w, "kind": "en", "length": 0,
              "answers": len(by_word[w])} for w in words]
-    rows += [r for r in train_prompts if r["kind"] == "zh"]
+    task_chars = {c for (c, n), lines in by_char.items() if len(lines) >= 2}
+    chars = sorted((c for c in frequency if CJK.match(c) and c not in task_chars), key=lambda c: (-frequency[c], c))
+    rows += [{"prompt": ZH_PROMPT.format(kw=c, name=ZH_NAMES[n]), "keyword": c, "kind": "zh", "length": n,
+              "answers": len(by_char.get((c, n), []))} for c in chars[:fresh_keywords // 3] for n in ZH_NAMES]
     random.Random(seed + 2).shuffle(rows)
     return rows
 
