@@ -21,9 +21,9 @@ ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", 
 MODELS = ("base", "sft", "ppo", "dpo", "grpo")
 # Which stage folder makes each model; "base" is the pre-trained model.
 MODEL_STAGE = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
-# How many held-out task prompts `chatforge demo` scores (chatforge.demo.EVAL_PROMPTS), used only when
-# neither eval.json ("task_prompts") nor results.json ("eval_prompts") says how many prompts were scored.
-DEMO_EVAL_PROMPTS = 200
+# At most how many held-out task prompts `chatforge demo` scores (eval.suite.TASK_PROMPTS: all of the
+# demo's 369), used only when neither eval.json ("task_prompts") nor results.json ("eval_prompts") says.
+DEMO_EVAL_PROMPTS = 1000
 
 
 def read_json(path: Path) -> dict:
