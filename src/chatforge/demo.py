@@ -35,8 +35,8 @@ CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
 PROMPTS = ["ROMEO:\n", "And God said, ", "床前明月光，"]
 ALIGNERS = ("ppo", "dpo", "grpo")
 TASK_FILES = ("sft_train.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl", "prompts_train.jsonl",
-              "prompts_heldout.jsonl", "copy_train.jsonl", "copy_val.jsonl", "prompts_rl.jsonl",
-              "classify_train.jsonl", "classify_val.jsonl")
+              "prompts_heldout.jsonl", "copy_train.jsonl", "copy_val.jsonl", "sft_replay.jsonl", "prompts_rl.jsonl",
+              "prefs_rl.jsonl", "prefs_rm.jsonl", "classify_train.jsonl", "classify_val.jsonl")
 
 
 def run_stage(name: str, folder: Path, done: list[str], fn: Callable[[str | None], object]) -> dict:
@@ -140,7 +140,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     print("== 7/11 rm: a reward model from the SFT model, on preference pairs (Bradley-Terry)")
     rm = run_stage("rm", out / "rm", ["reward.safetensors", "eval.json"],
                    lambda resume: run_reward(load_config(configs / "demo-rm.toml"), out / "sft",
-                                             tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out / "rm",
+                                             tasks / "prefs_rm.jsonl", tasks / "prefs_val.jsonl", out / "rm",
                                              resume=resume))
     r["rm_accuracy"] = rm["val_accuracy"]
     print(f"   held-out pairwise accuracy {rm['val_accuracy']:.1%} on {rm['val_pairs']} pairs (chance 50%)")
@@ -153,7 +153,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         "grpo": lambda resume: run_grpo(load_config(configs / "demo-grpo.toml"), out / "sft",
                                         tasks / "prompts_rl.jsonl", out / "grpo", None,
                                         tasks / "prompts_heldout.jsonl", resume),
-        "dpo": lambda resume: run_dpo(load_config(configs / "demo-dpo.toml"), out / "sft", tasks / "prefs_train.jsonl",
+        "dpo": lambda resume: run_dpo(load_config(configs / "demo-dpo.toml"), out / "sft", tasks / "prefs_rl.jsonl",
                                       tasks / "prefs_val.jsonl", out / "dpo", resume),
     }
     for name in (a for a in ALIGNERS if a in align):

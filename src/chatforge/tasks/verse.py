@@ -93,8 +93,9 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
                 seed: int = 0, fresh_keywords: int = 1500) -> dict[str, int]:
     """Write sft_{train,val}.jsonl, prefs_{train,val}.jsonl and prompts_{train,heldout}.jsonl (val and
     heldout: the held-out keywords), the copy phase's copy_{train,val}.jsonl, sft_replay.jsonl (the
-    demo's SFT data: sft_train's rows plus as many copy rows) and the RL prompts prompts_rl.jsonl (see
-    `copy_rows` and `rl_prompts`).
+    demo's SFT data: sft_train's rows plus as many copy rows), the RL prompts prompts_rl.jsonl, their
+    preference pairs prefs_rl.jsonl (DPO's) and prefs_rm.jsonl (the reward model's: prefs_train plus
+    prefs_rl); see `copy_rows`, `rl_prompts` and `rl_pairs`.
 
     Each row: {"prompt", "completion", "keyword", "kind", "length", "answers"}: `answers` counts the
     real lines that would satisfy the prompt."""
@@ -166,9 +167,14 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     write("sft_replay.jsonl", replay)
     rl = rl_prompts(en, zh, by_word, by_char, fresh_keywords, seed)
     write("prompts_rl.jsonl", rl)
+    rl_prefs = rl_pairs(rl, en, zh, by_word, by_char, seed)
+    write("prefs_rl.jsonl", rl_prefs)
+    rm_prefs = prefs(train) + rl_prefs  # the reward model's: the task's pairs and the RL keywords'
+    random.Random(seed + 5).shuffle(rm_prefs)
+    write("prefs_rm.jsonl", rm_prefs)
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(train_prompts),
             "prompts_heldout": len(heldout_prompts), "copy_train": len(copy_train), "sft_replay": len(replay),
-            "prompts_rl": len(rl)}
+            "prompts_rl": len(rl), "prefs_rl": len(rl_prefs)}
 
 
 def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0, val_lines: int = 200,
@@ -250,6 +256,26 @@ def rl_prompts(en: list[str], zh: list[str], by_word: dict[str, list[str]], by_c
               "answers": len(by_char.get((c, n), []))} for c in chars[:fresh_keywords // 3] for n in ZH_NAMES]
     random.Random(seed + 2).shuffle(rows)
     return rows
+
+
+def rl_pairs(rl: list[dict], en: list[str], zh: list[str], by_word: dict[str, list[str]],
+             by_char: dict[tuple[str, int], list[str]], seed: int = 0) -> list[dict]:
+    """Preference pairs on the RL prompts' keywords: for every real line that answers one, chosen = that
+    line, rejected = a real line (Chinese: of the asked length) that breaks the constraint.
+
+    Why: DPO on the task's own pairs ranks them well but costs held-out success, as SFT's memorising did;
+    on keywords SFT never saw, what separates chosen from rejected is the copy (docs/rlhf.md). The reward
+    model trains on these and the task's pairs together (prefs_rm.jsonl)."""
+    rng = random.Random(seed + 6)
+    pairs = []
+    for row in rl:
+        answers = by_word.get(row["keyword"], []) if row["kind"] == "en" else by_char.get((row["keyword"],
+                                                                                            row["length"]), [])
+        pool = en if row["kind"] == "en" else [x for x in zh if len(x) == row["length"]]
+        for line in answers:
+            rejected = rng.choice([x for x in rng.sample(pool, 20) if not check(row, x)])
+            pairs.append({"prompt": row["prompt"], "chosen": line, "rejected": rejected})
+    return pairs
 
 
 def build_source_labels(corpus: str | Path, out: str | Path, per_class: int = 1500, val_fraction: float = 0.2,
