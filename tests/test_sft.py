@@ -29,7 +29,7 @@ def test_task_rows_are_real_answers_and_keywords_held_out(tasks):
     assert check(row, "月落乌啼霜") and not check(row, "落月乌啼霜") and not check(row, "月落乌啼霜满天")
 
 
-def test_copy_rows_and_rl_prompts_never_ask_for_a_held_out_keyword(tasks):
+def test_copy_rows_rl_prompts_and_rl_pairs_never_ask_for_a_held_out_keyword(tasks):
     held = load_prompts(tasks / "prompts_heldout.jsonl")
     held_keywords = {r["keyword"].lower() for r in held}
     copy_train = [json.loads(line) for line in (tasks / "copy_train.jsonl").open(encoding="utf-8")]
@@ -54,6 +54,14 @@ def test_copy_rows_and_rl_prompts_never_ask_for_a_held_out_keyword(tasks):
     fresh_zh = [r for r in rl if r["kind"] == "zh"]
     assert len(fresh_zh) == 1000 and all(r["answers"] <= 1 for r in fresh_zh)
     assert not {r["keyword"] for r in fresh_zh} & (train_keywords | {r["keyword"] for r in held})
+    # DPO's pairs on those keywords: a real answer above a real line that breaks the prompt
+    by_prompt = {r["prompt"]: r for r in rl}
+    pairs = [json.loads(line) for line in (tasks / "prefs_rl.jsonl").open(encoding="utf-8")]
+    assert len(pairs) > 2000 and {"写" in p["prompt"] for p in pairs} == {True, False}
+    for p in pairs:
+        assert check(by_prompt[p["prompt"]], p["chosen"]) and not check(by_prompt[p["prompt"]], p["rejected"])
+    rm_pairs = (tasks / "prefs_rm.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rm_pairs) == len(pairs) + len((tasks / "prefs_train.jsonl").read_text(encoding="utf-8").splitlines())
 
 
 def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks):
