@@ -190,7 +190,7 @@ def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0, v
     the generic skill, and without them no held-out Chinese character is ever copied (docs/sft.md).
 
     Chinese: the corpus has only ~3,200 distinct half lines against ~73,000 English ones; at their natural
-    share (4%) the model never learns to copy Chinese at all (0 of 100 held-out lines). So every Chinese
+    share (4%) the model never learns to copy Chinese at all (none of its held-out Chinese lines). So every Chinese
     line also comes `zh_shuffles` times with its characters shuffled (none starting with a held-out
     keyword): real characters in an order no poem has, which can only be repeated by copying, not
     recalled. English is capped at `en_lines` lines so Chinese is about a quarter of the rows.
@@ -216,7 +216,8 @@ def copy_rows(en: list[str], zh: list[str], held_out: set[str], seed: int = 0, v
             rng.shuffle(chars)
             if chars[0] not in held:
                 shuffled.append("".join(chars))
-    shuffled = [x for x in shuffled if x not in set(val_zh)]
+    held_lines = set(val_zh)
+    shuffled = [x for x in shuffled if x not in held_lines]
 
     def rows(en_part: list[str], zh_part: list[str]) -> list[dict]:
         items = [{"prompt": EN_COPY.format(line=x), "completion": x, "kind": "copy", "lang": "en"} for x in en_part]
