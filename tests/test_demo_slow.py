@@ -1,4 +1,5 @@
-"""The main job at full demo scale (about 21 minutes on 2 cores, with every alignment method): `make test-slow`."""
+"""The main job at full demo scale, with every alignment method, then a second run that only evaluates:
+`make test-slow` (about 24 minutes on 2 cores)."""
 
 import json
 
