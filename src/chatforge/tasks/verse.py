@@ -149,9 +149,11 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     def prefs(items: list[dict]) -> list[dict]:
         return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": r["rejected"]} for r in items]
 
-    write("sft_train.jsonl", [{k: v for k, v in r.items() if k != "rejected"} for r in train])
+    sft_rows = [{k: v for k, v in r.items() if k != "rejected"} for r in train]
+    train_prefs = prefs(train)
+    write("sft_train.jsonl", sft_rows)
     write("sft_val.jsonl", [{k: v for k, v in r.items() if k != "rejected"} for r in val])
-    write("prefs_train.jsonl", prefs(train))
+    write("prefs_train.jsonl", train_prefs)
     write("prefs_val.jsonl", prefs(val))
     train_prompts, heldout_prompts = unique_prompts(train), unique_prompts(val)
     write("prompts_train.jsonl", train_prompts)
@@ -161,15 +163,14 @@ def build_tasks(corpus: str | Path, out: str | Path, held_out_fraction: float = 
     write("copy_train.jsonl", copy_train)
     write("copy_val.jsonl", copy_val)
     # the task's SFT rows and as many copy rows, replayed so that SFT keeps the copy (docs/sft.md)
-    replay = [{k: v for k, v in r.items() if k != "rejected"} for r in train]
-    replay += random.Random(seed + 3).sample(copy_train, len(train))
+    replay = sft_rows + random.Random(seed + 3).sample(copy_train, len(train))
     random.Random(seed + 4).shuffle(replay)
     write("sft_replay.jsonl", replay)
     rl = rl_prompts(en, zh, by_word, by_char, fresh_keywords, seed)
     write("prompts_rl.jsonl", rl)
     rl_prefs = rl_pairs(rl, en, zh, by_word, by_char, seed)
     write("prefs_rl.jsonl", rl_prefs)
-    rm_prefs = prefs(train) + rl_prefs  # the reward model's: the task's pairs and the RL keywords'
+    rm_prefs = train_prefs + rl_prefs  # the reward model's: the task's pairs and the RL keywords'
     random.Random(seed + 5).shuffle(rm_prefs)
     write("prefs_rm.jsonl", rm_prefs)
     return {"sft_train": len(train), "sft_val": len(val), "prompts_train": len(train_prompts),
@@ -269,10 +270,12 @@ def rl_pairs(rl: list[dict], en: list[str], zh: list[str], by_word: dict[str, li
     model trains on these and the task's pairs together (prefs_rm.jsonl)."""
     rng = random.Random(seed + 6)
     pairs = []
+    zh_of_length = {n: [x for x in zh if len(x) == n] for n in ZH_NAMES}
     for row in rl:
-        answers = by_word.get(row["keyword"], []) if row["kind"] == "en" else by_char.get((row["keyword"],
-                                                                                            row["length"]), [])
-        pool = en if row["kind"] == "en" else [x for x in zh if len(x) == row["length"]]
+        if row["kind"] == "en":
+            answers, pool = by_word.get(row["keyword"], []), en
+        else:
+            answers, pool = by_char.get((row["keyword"], row["length"]), []), zh_of_length[row["length"]]
         for line in answers:
             rejected = rng.choice([x for x in rng.sample(pool, 20) if not check(row, x)])
             pairs.append({"prompt": row["prompt"], "chosen": line, "rejected": rejected})
