@@ -30,6 +30,10 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["ppo_success"] >= r["sft_success"] - 0.05 and 0 <= r["ppo_kl"] < 5.0  # PPO does not gain (-2.7)
     assert r["ppo_reward_last"] > r["ppo_reward_first"] + 0.5  # yet its reward-model score rises: -2.29 -> -1.39
     assert r["rm_seconds"] + r["ppo_seconds"] < 240  # the RL part of `make demo`: measured 180 s
+    # Why PPO cannot gain: the reward model ranks real lines (91.4%) but not the SFT model's own replies: a success
+    # outscores a failure about half the time (measured AUC 50.6%). If a better reward model lifts this, PPO's
+    # assert above should become a gain (docs/rlhf.md, "Sixth round").
+    assert 0.0 <= r["sft_rm_auc"] < 0.6 and r["rm_accuracy"] > r["sft_rm_auc"] + 0.3
     # Evaluation (chatforge eval) and the report, on the same held-out splits.
     assert abs(r["base_bpb"] - r["val_bpb"]) < 0.05 * r["val_bpb"]  # eval's bits/byte agrees with pre-training's
     assert r["sft_choice_accuracy"] > r["choice_chance"]  # WordNet glosses: a little above chance

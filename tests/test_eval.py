@@ -195,3 +195,43 @@ def test_reward_model_win_rate_from_the_command_line(pretrained, sft_run, tasks,
     with pytest.raises(SystemExit):
         main(["eval", "--run", str(sft_run[0]), "--against", str(pretrained[0])])
     assert "--against needs --reward" in capsys.readouterr().err
+
+
+def test_ranking_auc_is_the_share_of_success_failure_pairs_ranked_right():
+    """AUC by hand: successes score [3, 1], failures [2, 1, 0] -> of 6 pairs, 3 > 2, 3 > 1, 3 > 0, 1 > 0
+    win and 1 = 1 ties (half), 1 < 2 loses: 4.5 / 6 = 0.75. A perfect scorer gives 1, a reversed one 0."""
+    from chatforge.eval.task import ranking_auc
+
+    assert ranking_auc([3, 2, 1, 1, 0], [True, False, True, False, False]) == 0.75
+    assert ranking_auc([5, 4, 1, 0], [True, True, False, False]) == 1.0
+    assert ranking_auc([0, 1, 4, 5], [True, True, False, False]) == 0.0
+    assert ranking_auc([1.0, 2.0], [True, True]) is None  # no failure to compare with
+
+
+def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run, tasks, monkeypatch):
+    """With a reward model, evaluate_task's rm_auc is ranking_auc of the scores it returns against the
+    checker's verdicts on the same greedy replies. The tiny test model fails every prompt, so a stand-in
+    checker (reply of even length) gives both verdicts; without a reward model there is no rm_auc."""
+    import chatforge.eval.task as task
+    from chatforge.stages.classify import Classifier
+
+    def even_length(row, reply):
+        return len(reply) % 2 == 0
+
+    monkeypatch.setattr(task, "check", even_length)
+    torch.manual_seed(0)
+    model, tok = load_run_model(sft_run[0]), load_tokenizer(sft_run[0])
+    scorer = Classifier(load_run_model(sft_run[0]), 1).eval()
+    rows = task.load_prompts(str(tasks / "prompts_heldout.jsonl"))[:48]
+    e = task.evaluate_task(model, tok, rows, reward_model=scorer, max_new_tokens=48)
+    replies = [s["reply"] for s in e["samples"]]
+    assert len(e["scores"]) == len(rows) and 0 < e["success"] < 1
+    oks = []
+    for start in range(0, len(rows), 64):  # greedy: the same replies again
+        rnd = task.sample_round(model, tok, rows[start:start + 64], task.RLConfig(temperature=0.0, max_new_tokens=48),
+                                start)
+        oks += [bool(done) and even_length(r, t) for r, t, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(),
+                                                                          strict=True)]
+    assert replies == rnd.texts[: len(replies)] and sum(oks) / len(rows) == e["success"]
+    assert e["rm_auc"] == task.ranking_auc(e["scores"].tolist(), oks) and 0.0 <= e["rm_auc"] <= 1.0
+    assert "rm_auc" not in task.evaluate_task(model, tok, rows[:8], max_new_tokens=48)

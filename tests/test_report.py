@@ -79,9 +79,10 @@ def make_run(root: Path) -> Path:
     model = {"bpb": 2.345, "success": 0.0, "end_rate": 0.0, "choice_accuracy": 0.3125, "choice_accuracy_norm": 0.3,
              "toxicity": 0.0123, "toxic_rate": 0.0, "refusal_rate": 0.0, "over_refusal_rate": 0.0, "task_prompts": 16}
     _write_json(run / "eval.json", {
-        "models": {"base": model, "sft": {**model, "bpb": 2.5, "success": 0.125, "end_rate": 0.9, "rm_score": 0.61},
+        "models": {"base": model, "sft": {**model, "bpb": 2.5, "success": 0.125, "end_rate": 0.9, "rm_score": 0.61,
+                           "rm_auc": 0.53125},
                    "ppo": {**model, "bpb": 2.6, "success": 0.1875, "end_rate": 1.0, "rm_score": 0.42,
-                           "rm_win_rate": 0.4375}},
+                           "rm_win_rate": 0.4375, "rm_auc": 0.6875}},
         "splits": {"bpb": "val documents", "task": "held-out keywords", "choice": "held-out questions"},
         "chance": {"choice": 0.25},
         "harms": {"lexicon": "a small word list", "prompts": 48, "limits": "a lexicon misses paraphrase"},
@@ -154,6 +155,9 @@ def test_tables_carry_the_numbers(report):
     assert f"<b>{sum(ENERGY.values()):.3g}</b>" in page
     assert "Grid intensity: 450 g CO2/kWh (all measured stages)" in md and "PUE: 1.2" in md
     assert md.count("Which split") >= 4
+    auc = _md_row(md, "eval", "")  # the first eval row is bits/byte; find the AUC row among them
+    rows = [line for line in md.splitlines() if "tells each model's own held-out replies apart" in line]
+    assert auc and len(rows) == 1 and "SFT 53.1% / PPO 68.8%" in rows[0] and "blind 50%" in rows[0]
 
 
 def test_markdown_references_existing_pngs(report):

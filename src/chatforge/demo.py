@@ -184,7 +184,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     report = evaluate_runs(out)
     for name, numbers in report["models"].items():
         for key in ("bpb", "success", "success_en", "success_zh", "end_rate", "choice_accuracy", "rm_score",
-                    "rm_win_rate", "toxic_rate", "refusal_rate", "over_refusal_rate"):
+                    "rm_win_rate", "rm_auc", "toxic_rate", "refusal_rate", "over_refusal_rate"):
             if key in numbers:
                 r[f"{name}_{key}"] = numbers[key]
         shown = ", ".join(f"{k} {v:.3f}" for k, v in numbers.items() if isinstance(v, float))

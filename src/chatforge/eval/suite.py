@@ -81,6 +81,8 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
         if reward_model is not None:
             scores = e["scores"]
             out["rm_score"] = scores.mean().item()
+            if e["rm_auc"] is not None:
+                out["rm_auc"] = e["rm_auc"]
             out["scores"] = scores
             if against_scores is not None:
                 out["rm_win_rate"] = (scores > against_scores).float().mean().item()

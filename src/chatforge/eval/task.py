@@ -15,6 +15,17 @@ from chatforge.stages.rollout import model_scores, sample_round
 from chatforge.tasks.verse import check
 
 
+def ranking_auc(scores: list[float], labels: list[bool]) -> float | None:
+    """The probability that a random successful reply outscores a random failed one (ties count half):
+    the area under the ROC curve of `scores` as a success detector. 0.5 = blind; None without both kinds."""
+    good = [s for s, ok in zip(scores, labels, strict=True) if ok]
+    bad = [s for s, ok in zip(scores, labels, strict=True) if not ok]
+    if not good or not bad:
+        return None
+    wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+    return wins / (len(good) * len(bad))
+
+
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
@@ -23,9 +34,11 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
     success_zh, from each row's "kind"); greedy by default so numbers repeat.
     Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>.
     With a `reward_model`, also its score of each reply ("scores", one per row: compare two models on the
-    same rows by the mean difference, or by the win-rate of one over the other)."""
+    same rows by the mean difference, or by the win-rate of one over the other) and "rm_auc": how well those
+    scores tell this model's successful replies from its failed ones (`ranking_auc`), which is what PPO
+    against that reward model needs."""
     model.eval()
-    successes, ended, samples, scores = 0, 0, [], []
+    successes, ended, samples, scores, oks = 0, 0, [], [], []
     by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
@@ -35,6 +48,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
         for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True):
             ok = done and check(row, text)
             successes += ok
+            oks.append(bool(ok))
             ended += done
             tally = by_kind.setdefault(row.get("kind", "all"), [0, 0])
             tally[0] += ok
@@ -44,7 +58,10 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
     n = max(1, len(rows))
     per_kind = {f"success_{k}": s / c for k, (s, c) in sorted(by_kind.items()) if k in ("en", "zh")}
     out = {"success": successes / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
-    return out | ({"scores": torch.cat(scores)} if scores else {})
+    if scores:
+        out["scores"] = torch.cat(scores)
+        out["rm_auc"] = ranking_auc(out["scores"].tolist(), oks)
+    return out
 
 
 def load_prompts(path: str) -> list[dict]:

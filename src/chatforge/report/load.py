@@ -122,7 +122,7 @@ def model_metrics(info: dict, model: str) -> dict:
     """One model's held-out numbers: `chatforge eval`'s eval.json first, results.json's `<model>_*` to fill gaps."""
     out: dict = {}
     results = info["results"]
-    for key in ("success", "end_rate", "rm_score", "rm_win_rate", "success_en", "success_zh"):
+    for key in ("success", "end_rate", "rm_score", "rm_win_rate", "rm_auc", "success_en", "success_zh"):
         if isinstance(results.get(f"{model}_{key}"), int | float):
             out[key] = results[f"{model}_{key}"]
     if model == "base" and isinstance(results.get("val_bpb"), int | float):

@@ -319,6 +319,11 @@ def _eval(info: dict, z: bool) -> list[dict]:
         what = ("奖励模型判定胜过 SFT 回复的比例(同一批留出提示)" if z else
                 "reward model prefers the model's reply to SFT's, same held-out prompts")
         rows.append(_row("eval", what, win, "SFT 50%(平局)" if z else "SFT itself 50% (a tie)"))
+    auc = _by_model(info, "rm_auc", pct, tuple(n for n in models if n != "base"))
+    if auc:
+        what = ("奖励模型能否分辨该模型自己的留出回复:成功者得分高于失败者的概率(AUC)" if z else
+                "reward model tells each model's own held-out replies apart: P(a success outscores a failure), AUC")
+        rows.append(_row("eval", what, auc, "看不出 50%" if z else "blind 50%"))
     toxic = _by_model(info, "toxic_rate", pct, models)
     refusal = _by_model(info, "refusal_rate", pct, models)
     if toxic:

@@ -25,7 +25,8 @@ MODEL_COLUMNS = [("bpb", "val bits/byte", lambda x: num(x, 3)), ("success", "tas
                  ("refusal_rate", "refusals (harmful prompts)", pct),
                  ("over_refusal_rate", "over-refusals (harmless prompts)", pct),
                  ("rm_score", "reward-model score", lambda x: num(x, 2)),
-                 ("rm_win_rate", "reward-model win rate vs SFT", pct)]
+                 ("rm_win_rate", "reward-model win rate vs SFT", pct),
+                 ("rm_auc", "reward model tells the model's successes from its failures (AUC)", pct)]
 HIDDEN_MODEL_KEYS = {"n", "task_prompts", "samples", "scores", "success_en", "success_zh"}
 ENERGY_LABELS = {"data": "prepare"}
 
