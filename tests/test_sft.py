@@ -38,7 +38,7 @@ def test_copy_rows_rl_prompts_and_rl_pairs_never_ask_for_a_held_out_keyword(task
     zh_train = [r["completion"] for r in copy_train if "Repeat" not in r["prompt"]]
     assert 0.2 < len(zh_train) / len(copy_train) < 0.3  # Chinese is a quarter of the rows, not its natural 4%
     assert sum("Repeat" in r["prompt"] for r in copy_val) == 100  # held-out lines: half English, half Chinese
-    zh_real = {line for _, zh in [corpus_lines(DEMO_CORPUS)] for line in zh}
+    zh_real = set(corpus_lines(DEMO_CORPUS)[1])
     shuffled = [x for x in zh_train if x not in zh_real]
     assert len(shuffled) > 2 * len(zh_train) / 3 - 100  # three shuffles of each real line (a few are real lines)
     assert not {r["completion"] for r in copy_train} & {r["completion"] for r in copy_val}

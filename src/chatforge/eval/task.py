@@ -38,7 +38,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
     scores tell this model's successful replies from its failed ones (`ranking_auc`), which is what PPO
     against that reward model needs."""
     model.eval()
-    successes, ended, samples, scores, oks = 0, 0, [], [], []
+    ended, samples, scores, oks = 0, [], [], []  # oks: the checker's verdict on each row's reply
     by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
@@ -47,7 +47,6 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
             scores.append(model_scores(reward_model, tok, rnd))
         for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True):
             ok = done and check(row, text)
-            successes += ok
             oks.append(bool(ok))
             ended += done
             tally = by_kind.setdefault(row.get("kind", "all"), [0, 0])
@@ -57,7 +56,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
                 samples.append({"prompt": row["prompt"], "reply": text, "ok": ok})
     n = max(1, len(rows))
     per_kind = {f"success_{k}": s / c for k, (s, c) in sorted(by_kind.items()) if k in ("en", "zh")}
-    out = {"success": successes / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
+    out = {"success": sum(oks) / n, "end_rate": ended / n, "n": len(rows), **per_kind, "samples": samples}
     if scores:
         out["scores"] = torch.cat(scores)
         out["rm_auc"] = ranking_auc(out["scores"].tolist(), oks)
