@@ -19,7 +19,6 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["sft_success_zh"] >= 0.25  # Chinese too, since the copy phase has enough of it (measured 33.6%)
     assert r["rm_accuracy"] >= 0.85  # measured 91.4%
     assert r["classify_accuracy"] >= r["classify_majority"] + 0.4
-    assert r["pretrain_seconds"] < 240
     # Alignment (issue 4), on all 369 held-out prompts, with the KL to SFT bounded. Measured: SFT 53.9%, DPO 59.1%
     # (but SFT on DPO's chosen lines alone gives 61.2%), GRPO 55.6% (KL 7.32), PPO 51.2% (KL 2.57): the reward
     # model cannot tell the policy's near misses from its successes (docs/rlhf.md). No method reaches the +10
@@ -29,7 +28,6 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["grpo_reward_last"] > r["grpo_reward_first"] + 0.03  # on fresh keywords: measured 0.33 -> 0.39
     assert r["ppo_success"] >= r["sft_success"] - 0.05 and 0 <= r["ppo_kl"] < 5.0  # PPO does not gain (-2.7)
     assert r["ppo_reward_last"] > r["ppo_reward_first"] + 0.5  # yet its reward-model score rises: -2.29 -> -1.39
-    assert r["rm_seconds"] + r["ppo_seconds"] < 240  # the RL part of `make demo`: measured 180 s
     # Why PPO cannot gain: the reward model ranks real lines (91.4%) but not the SFT model's own replies: a success
     # outscores a failure about half the time (measured AUC 50.6%). If a better reward model lifts this, PPO's
     # assert above should become a gain (docs/rlhf.md, "Sixth round").

@@ -15,11 +15,13 @@ from chatforge.tokenizer import load_tokenizer
 from conftest import REPO, tiny_config
 
 
-def test_pretraining_beats_the_unigram_baseline_on_held_out_text(pretrained):
+@pytest.mark.learning
+def test_pretraining_beats_the_unigram_baseline_on_held_out_text(pretrained, measured):
     run, result = pretrained
-    # the best context-free model scores the val split's unigram entropy; a language model must do far better
-    assert result["val_loss"] < 0.8 * result["val_unigram_entropy"]
-    assert result["val_bpb"] < 0.8 * result["val_unigram_bpb"]
+    # the best context-free model scores the val split's unigram entropy (ratio 1); a language model must do far
+    # better: measured 0.76-0.78 over 3 seeds, fp32 (docs/testing.md)
+    assert result["val_loss"] < 0.85 * result["val_unigram_entropy"]
+    assert measured("bpb_over_unigram", result["val_bpb"] / result["val_unigram_bpb"]) < 0.85
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(evals) == 2 and evals[-1] < evals[0]

@@ -26,7 +26,8 @@ def test_int8_linear_is_the_scaled_int8_product_and_close_to_the_original():
     assert (q(x) - linear(x)).abs().max() < 0.05 * linear(x).abs().max()
 
 
-def test_quantized_model_agrees_with_fp32_on_held_out_text(pretrained, data_dir):
+@pytest.mark.learning
+def test_quantized_model_agrees_with_fp32_on_held_out_text(pretrained, data_dir, measured):
     from chatforge.data.shards import open_tokens
 
     model = load_run_model(pretrained[0])
@@ -37,10 +38,10 @@ def test_quantized_model_agrees_with_fp32_on_held_out_text(pretrained, data_dir)
     with torch.no_grad():
         full, quant = model(val).float(), q(val).float()
     agree = (full.argmax(-1) == quant.argmax(-1)).float().mean().item()
-    assert agree > 0.9  # the next-token choice on held-out text
+    assert measured("argmax_agreement", agree) > 0.9  # the next-token choice on held-out text
     loss = lambda logits: torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)),
                                                             val[:, 1:].reshape(-1)).item()
-    assert abs(loss(quant) - loss(full)) < 0.02 * loss(full)
+    assert measured("relative_loss_change", abs(loss(quant) - loss(full)) / loss(full)) < 0.02
     greedy = Sampling(temperature=0, max_new_tokens=24)
     prompt = val[0, :16].tolist()
     same = sum(a == b for a, b in zip(generate_ids(model, prompt, greedy), generate_ids(q, prompt, greedy),

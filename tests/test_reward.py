@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from chatforge.config import load_config
 from chatforge.errors import ChatforgeError
 from chatforge.stages.reward import bradley_terry_loss, load_pairs, load_reward_model, run_reward, score_responses
 from chatforge.tokenizer import load_tokenizer
-from conftest import REPO
+from conftest import REPO, learning_config
 
 
 def test_bradley_terry_loss_closed_form():
@@ -38,10 +37,11 @@ def test_bad_and_degenerate_pairs(tokenizer_dir, tmp_path):
         load_pairs(path, tok, context=64)
 
 
-def test_reward_model_ranks_held_out_pairs(pretrained, tasks, tmp_path):
-    cfg = load_config(REPO / "configs" / "demo-rm.toml", ["train.steps=150", "train.eval_every=1000"])
+@pytest.mark.learning
+def test_reward_model_ranks_held_out_pairs(pretrained, tasks, tmp_path, measured):
+    cfg = learning_config(REPO / "configs" / "demo-rm.toml", ["train.steps=150", "train.eval_every=1000"])
     result = run_reward(cfg, pretrained[0], tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", tmp_path / "rm")
-    assert result["val_accuracy"] >= 0.75  # held-out keywords: the model must read the prompt
+    assert measured("val_accuracy", result["val_accuracy"]) >= 0.75  # held-out keywords: the model must read the prompt
     model = load_reward_model(tmp_path / "rm")
     assert model.head.out_features == 1
     # `chatforge rm --score`: a held-out chosen reply scores above its rejected one
@@ -50,7 +50,8 @@ def test_reward_model_ranks_held_out_pairs(pretrained, tasks, tmp_path):
     rows.write_text("".join(json.dumps({"prompt": p["prompt"], "response": r}) + "\n"
                             for p in pairs for r in (p["chosen"], p["rejected"])))
     rewards = [reward for reward, _ in score_responses(tmp_path / "rm", rows)]
-    assert sum(c > r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)) >= 0.7 * len(pairs)
+    right = sum(c > r for c, r in zip(rewards[0::2], rewards[1::2], strict=True)) / len(pairs)
+    assert measured("scored_pairs_right", right) >= 0.7
     rows.write_text('{"prompt": "x"}\n')
     with pytest.raises(ChatforgeError, match="score.jsonl:1"):
         list(score_responses(tmp_path / "rm", rows))

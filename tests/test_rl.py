@@ -5,11 +5,12 @@ import hashlib
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from chatforge.config import RLConfig, load_config
+from chatforge.config import RLConfig
 from chatforge.errors import ChatforgeError
 from chatforge.model.generate import Sampling, generate_batch, generate_ids
 from chatforge.model.io import load_run_model
@@ -27,7 +28,7 @@ from chatforge.stages.rollout import (
     sample_round,
 )
 from chatforge.tokenizer import load_tokenizer
-from conftest import REPO
+from conftest import REPO, learning_config
 
 
 def short_reply(prompt: str, response: str, **row) -> float:
@@ -44,7 +45,7 @@ def nan_reward(prompt: str, response: str, **row) -> float:
 
 
 def rl_config(*overrides: str):
-    return load_config(None, ["train.batch_size=32", "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_steps=0",
+    return learning_config(None, ["train.batch_size=32", "train.lr=3e-4", "train.min_lr=3e-4", "train.warmup_steps=0",
                               "train.weight_decay=0", "train.eval_every=1000", "train.checkpoint_every=1000",
                               "train.log_every=1", "rl.max_new_tokens=24", *overrides])
 
@@ -128,7 +129,8 @@ def file_digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks, tmp_path):
+@pytest.mark.learning
+def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks, tmp_path, measured):
     tok = load_tokenizer(sft_run[0])
     before_digest = file_digest(sft_run[0] / "model.safetensors")
     held = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)
@@ -144,7 +146,7 @@ def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks,
     run_grpo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "grpo")
     start, end = held_out_reward(sft_run[0]), held_out_reward(tmp_path / "grpo")
     print(f"grpo: held-out reward {start:.3f} -> {end:.3f}")
-    assert end >= start + 0.25
+    assert measured("held_out_gain", end - start) >= 0.25
     assert file_digest(sft_run[0] / "model.safetensors") == before_digest
     log = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").open()]
     assert len(log) == 12 and all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in log)
@@ -153,32 +155,51 @@ def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks,
 
 @pytest.fixture(scope="module")
 def reward_run(sft_run, tasks, tmp_path_factory):
+    """A reward model learned from comparisons whose labeller prefers a reply of at most three words
+    (`short_reply`, the gold judge here): chosen = the first two or three words of a real line, rejected = a
+    whole real line (5 to 12 words). A property the policy can reach, so PPO has something true to learn."""
     out = tmp_path_factory.mktemp("runs") / "rm"
-    cfg = load_config(REPO / "configs" / "demo-rm.toml", ["train.steps=40", "train.eval_every=1000",
+    rng = random.Random(0)
+
+    def short_pairs(name: str) -> Path:
+        pairs = [json.loads(line) for line in (tasks / name).read_text(encoding="utf-8").splitlines()[:1200]]
+        path = out.parent / name
+        path.write_text("".join(json.dumps({"prompt": p["prompt"], "rejected": p["rejected"],
+                                            "chosen": " ".join(p["chosen"].split()[:rng.choice((2, 3))])}) + "\n"
+                                for p in pairs if p["chosen"].isascii()))
+        return path
+
+    cfg = learning_config(REPO / "configs" / "demo-rm.toml", ["train.steps=40", "train.eval_every=1000",
                                                           "train.checkpoint_every=1000"])
-    run_reward(cfg, sft_run[0], tasks / "prefs_train.jsonl", tasks / "prefs_val.jsonl", out)
+    run_reward(cfg, sft_run[0], short_pairs("prefs_train.jsonl"), short_pairs("prefs_val.jsonl"), out)
     return out
 
 
-def test_ppo_raises_the_held_out_reward_with_a_bounded_kl(sft_run, reward_run, tasks, tmp_path):
-    """PPO against the reward model: the critic starts as the reward model; the held-out reward model
-    score of greedy replies rises while the KL to the reference stays small."""
+@pytest.mark.learning
+def test_ppo_against_a_learned_reward_model_raises_the_held_out_gold_score(sft_run, reward_run, tasks, tmp_path,
+                                                                           measured):
+    """InstructGPT step 3 in miniature: PPO optimises the reward model learned from comparisons (its critic
+    starts as that reward model), never the gold judge; on held-out prompts the gold judge's score of greedy
+    replies rises, and so does the reward model's, while the KL to the reference stays bounded."""
     tok = load_tokenizer(sft_run[0])
     held = random.Random(0).sample(load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40), 64)
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     cfg = rl_config("train.steps=24", "rl.prompts_per_rollout=32", "rl.epochs=2", "rl.kl_coef=0.05",
                     "train.eval_every=24")
     rm = load_reward_model(reward_run)
-    def held_out_score(run) -> float:
+
+    def held_out(run) -> tuple[float, float]:
         rnd = sample_round(load_run_model(run), tok, held, RLConfig(temperature=0.0, max_new_tokens=24), seed=0)
-        return model_scores(rm, tok, rnd).mean().item()
+        return function_scores(short_reply, "short_reply", rnd).mean().item(), model_scores(rm, tok, rnd).mean().item()
 
     result = run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo", reward_run,
                      tmp_path / "held.jsonl")
-    start, end = held_out_score(sft_run[0]), held_out_score(tmp_path / "ppo")
-    print(f"ppo: held-out reward-model score {start:.3f} -> {end:.3f}, KL {result['val_kl']:.3f}")
-    assert end >= start + 0.5
-    assert 0 <= result["val_kl"] < 5.0
+    (gold_start, rm_start), (gold_end, rm_end) = held_out(sft_run[0]), held_out(tmp_path / "ppo")
+    print(f"ppo: held-out gold {gold_start:.3f} -> {gold_end:.3f}, reward model {rm_start:.3f} -> {rm_end:.3f}, "
+          f"KL {result['val_kl']:.3f}")
+    assert measured("held_out_gold_gain", gold_end - gold_start) >= 0.5
+    assert measured("held_out_rm_gain", rm_end - rm_start) > 0
+    assert 0 <= measured("val_kl", result["val_kl"]) < 10.0
     log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
     assert {"value_loss", "explained_variance", "clip_fraction", "entropy", "kl", "reward"} <= set(log[-1])
 

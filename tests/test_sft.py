@@ -4,10 +4,10 @@ import io
 import json
 import re
 
+import pytest
 import torch
 
 from chatforge.chat import chat_loop
-from chatforge.config import load_config
 from chatforge.eval.task import evaluate_task, load_prompts
 from chatforge.model.generate import Sampling
 from chatforge.model.io import load_run_model
@@ -16,7 +16,7 @@ from chatforge.stages.classify import predict, run_classify
 from chatforge.stages.sft import run_sft
 from chatforge.tasks.verse import check, corpus_lines
 from chatforge.tokenizer import load_tokenizer
-from conftest import DEMO_CORPUS, REPO, sft_config
+from conftest import DEMO_CORPUS, REPO, learning_config, sft_config
 
 
 def test_task_rows_are_real_answers_and_keywords_held_out(tasks):
@@ -64,14 +64,15 @@ def test_copy_rows_rl_prompts_and_rl_pairs_never_ask_for_a_held_out_keyword(task
     assert len(rm_pairs) == len(pairs) + len((tasks / "prefs_train.jsonl").read_text(encoding="utf-8").splitlines())
 
 
-def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks):
+@pytest.mark.learning
+def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks, measured):
     rows = load_prompts(tasks / "prompts_heldout.jsonl")[:40]
     tok = load_tokenizer(sft_run[0])
     base = evaluate_task(load_run_model(pretrained[0]), tok, rows, max_new_tokens=32)
     sft = evaluate_task(load_run_model(sft_run[0]), tok, rows, max_new_tokens=32)
-    assert sft["end_rate"] >= 0.95 and base["end_rate"] <= 0.5
-    assert sft["success"] >= base["success"]
-    assert sft_run[1]["val_loss"] < 6.0  # on held-out keywords' answers
+    assert measured("sft_end_rate", sft["end_rate"]) >= 0.95 and measured("base_end_rate", base["end_rate"]) <= 0.5
+    assert measured("sft_minus_base_success", sft["success"] - base["success"]) >= 0
+    assert measured("sft_val_loss", sft_run[1]["val_loss"]) < 6.0  # on held-out keywords' answers
 
 
 def test_lora_trains_adapters_only_and_merges_exactly(pretrained, tasks, tmp_path):
@@ -105,11 +106,12 @@ def test_lora_at_init_is_exactly_the_base_model(pretrained):
         assert torch.equal(adapted(ids), base(ids))
 
 
-def test_classifier_beats_the_majority_class_on_held_out_lines(pretrained, tasks, tmp_path):
-    cfg = load_config(REPO / "configs" / "demo-classify.toml", ["train.steps=60", "train.eval_every=1000"])
+@pytest.mark.learning
+def test_classifier_beats_the_majority_class_on_held_out_lines(pretrained, tasks, tmp_path, measured):
+    cfg = learning_config(REPO / "configs" / "demo-classify.toml", ["train.steps=60", "train.eval_every=1000"])
     out = tmp_path / "cls"
     result = run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
-    assert result["val_accuracy"] > result["majority_baseline"] + 0.3
+    assert measured("accuracy_over_majority", result["val_accuracy"] - result["majority_baseline"]) > 0.3
     assert sum(map(sum, result["confusion"])) == len((tasks / "classify_val.jsonl").read_text().splitlines())
     (label, p), = predict(out, ["床前明月光"])
     assert label == "poem" and 0 < p <= 1

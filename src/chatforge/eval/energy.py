@@ -39,6 +39,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.train import distributed as dist
+from chatforge.train.device import bf16_supported, pick_device
 
 RAPL = Path("/sys/class/powercap/intel-rapl:0")
 DEFAULTS = {"CHATFORGE_WATTS_PER_CORE": 10.0, "CHATFORGE_GRID_G_PER_KWH": 475.0, "CHATFORGE_PUE": 1.0}
@@ -120,7 +121,7 @@ def measure(stage: str, folder: str | Path, accumulate: bool = False):
         else:
             per_core = setting("CHATFORGE_WATTS_PER_CORE")
             watts, source = per_core * cores, f"estimate: {per_core:g} W/core × {cores} cores"
-        device = f"CPU: {cpu_name()}, {cores} threads"
+        device = f"CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {cores} threads"
         world = dist.rank_world()[1]
         if world > 1:  # under torchrun every rank draws its own power; rank 0 writes for all
             watts, source, device = watts * world, f"{source}, × {world} ranks", f"{world} × {device}"
@@ -138,6 +139,8 @@ def measure(stage: str, folder: str | Path, accumulate: bool = False):
             seconds = total
         if folder.is_dir() and dist.is_main():  # not when the stage failed before it made its folder
             record = co2_record(stage, seconds, watts, device, source)
+            # what train.precision = "auto" picks here: numbers differ between bf16 and fp32 machines (issue 20)
+            record["auto_precision"] = "bf16" if bf16_supported(pick_device("auto")) else "fp32"
             (folder / "energy.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
