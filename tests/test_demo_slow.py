@@ -32,7 +32,7 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["ppo_reward_last"] > r["ppo_reward_first"] + 0.5  # yet its reward-model score rises: +0.9 / +1.4
     # Why PPO cannot gain: the reward model ranks real lines (91.4% / 87.6%) but not the SFT model's own replies:
     # a success outscores a failure about half the time or less (AUC 50.6% / 27.9%). If a better reward model
-    # lifts this, PPO's assert above should become a gain (docs/rlhf.md, "Sixth round").
+    # lifts this, PPO's assert above should become a gain (docs/experiments/rlhf-log.md, "Sixth round").
     assert 0.0 <= r["sft_rm_auc"] < 0.6 and r["rm_accuracy"] > r["sft_rm_auc"] + 0.3
     # Evaluation (chatforge eval) and the report, on the same held-out splits.
     assert abs(r["base_bpb"] - r["val_bpb"]) < 0.05 * r["val_bpb"]  # eval's bits/byte agrees with pre-training's

@@ -78,6 +78,14 @@ def test_best_and_worst_of_each_group_and_never_a_cut_off_reply():
     rnd = Round(rows=rows, texts=texts, sequences=torch.zeros(9, 2), mask=torch.zeros(9, 1), ended=ended)
     # a: a3 scores best but never ended; b: all tie; c: only one ended reply
     assert best_and_worst(rnd, scores, 3) == [{"prompt": "a", "chosen": "a2", "rejected": "a1"}]
+    # every (better, worse) pair of ended replies, up to per_group of them: a gold judge's 0/1 labels
+    ranked = Round(rows=[{"prompt": "d"}] * 4, texts=["d1", "d2", "d3", "d4"], sequences=torch.zeros(4, 2),
+                   mask=torch.zeros(4, 1), ended=torch.tensor([True, True, True, True]))
+    gold = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    every = best_and_worst(ranked, gold, 4, per_group=10)
+    assert sorted((p["chosen"], p["rejected"]) for p in every) == [("d1", "d2"), ("d1", "d4"), ("d3", "d2"),
+                                                                    ("d3", "d4")]
+    assert len(best_and_worst(ranked, gold, 4, per_group=2)) == 2
 
 
 def test_pairs_from_the_policys_samples_rank_by_the_reward(sft_run, tasks, tmp_path):

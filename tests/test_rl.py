@@ -185,7 +185,7 @@ def test_ppo_against_a_learned_reward_model_raises_the_held_out_gold_score(sft_r
     held = random.Random(0).sample(load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40), 64)
     (tmp_path / "held.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in held))
     cfg = rl_config("train.steps=24", "rl.prompts_per_rollout=32", "rl.epochs=2", "rl.kl_coef=0.05",
-                    "train.eval_every=24")
+                    "train.eval_every=24", "rl.gold=test_rl:short_reply")  # the judge: logged, never optimised
     rm = load_reward_model(reward_run)
 
     def held_out(run) -> tuple[float, float]:
@@ -201,6 +201,8 @@ def test_ppo_against_a_learned_reward_model_raises_the_held_out_gold_score(sft_r
     assert measured("held_out_rm_gain", rm_end - rm_start) > 0
     assert 0 <= measured("val_kl", result["val_kl"]) < 10.0
     log = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").open()]
+    rounds = [r for r in log if "gold" in r]  # the judge's score of each round's samples, as training goes
+    assert len(rounds) == 24 and rounds[-1]["gold"] > rounds[0]["gold"] and 0 < rounds[-1]["distinct_2"] <= 1
     assert {"value_loss", "explained_variance", "clip_fraction", "entropy", "kl", "reward"} <= set(log[-1])
 
 

@@ -145,7 +145,7 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     from chatforge.stages.pairs import run_pairs
 
     result = run_pairs(args.policy, args.prompts, args.reward, args.out, args.group, args.temperature,
-                       args.max_new_tokens, args.limit, args.seed)
+                       args.max_new_tokens, args.limit, args.seed, args.per_group)
     print(f"pairs: {result['pairs']:,} pairs from {result['prompts']:,} prompts -> {args.out}")
 
 
@@ -305,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p, "configs/demo-dpo.toml", "runs/default/dpo")
     p.set_defaults(func=cmd_dpo)
 
-    p = sub.add_parser("pairs", help="preference pairs from a policy's own samples, for DPO",
+    p = sub.add_parser("pairs", help="preference pairs from a policy's own samples, for DPO or a reward model",
                        description="Sample --group replies to each prompt, score them with --reward, and write the "
-                       "best and the worst as {\"prompt\", \"chosen\", \"rejected\"} when they differ.")
+                       "best and the worst as {\"prompt\", \"chosen\", \"rejected\"} when they differ (or up to "
+                       "--per-group pairs of a better and a worse reply).")
     p.add_argument("--policy", required=True, help="run folder of the policy to sample (the SFT model)")
     p.add_argument("--prompts", required=True, help="prompt rows {\"prompt\", ...}, .jsonl")
     p.add_argument("--reward", required=True, help="a module:function (the labeller) or a reward-model run folder")
@@ -316,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="longest reply, in tokens (default 40)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--per-group", type=int, default=1,
+                   help="pairs per prompt: 1 = best against worst (default); more = a sample of all the "
+                        "(better, worse) pairs, as InstructGPT uses every comparison of a ranking")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_pairs)
 

@@ -69,6 +69,8 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     reward: str = ""  # module:function(prompt, response, **row) -> float; empty: the --reward model
+    gold: str = ""  # module:function logged as "gold" each round, never optimised: over-optimisation shows
+    #                 as the reward rising while the gold score falls (Gao et al., 2022)
     kl_coef: float = 0.05  # β of the KL penalty to the reference (the starting model)
     kl_target: float = 0.0  # > 0: adapt β so the KL stays near this (Ziegler et al., 2019); 0: fixed β
     kl_horizon: int = 10000  # adaptive β's time constant, in replies

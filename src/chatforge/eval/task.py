@@ -3,6 +3,7 @@ token budget, and does the constraint checker accept it?"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,14 +30,14 @@ def ranking_auc(scores: list[float], labels: list[bool]) -> float | None:
 @torch.no_grad()
 def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_tokens: int = 48,
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
-                  reward_model: torch.nn.Module | None = None) -> dict:
+                  reward_model: torch.nn.Module | None = None, checker: Callable[[dict, str], bool] = check) -> dict:
     """Success rate (checker) and end-token rate over `rows`, and success by language (success_en,
     success_zh, from each row's "kind"); greedy by default so numbers repeat.
     Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>.
     With a `reward_model`, also its score of each reply ("scores", one per row: compare two models on the
     same rows by the mean difference, or by the win-rate of one over the other) and "rm_auc": how well those
     scores tell this model's successful replies from its failed ones (`ranking_auc`), which is what PPO
-    against that reward model needs."""
+    against that reward model needs. `checker(row, reply)` is the gold judge (the verse task's by default)."""
     model.eval()
     ended, samples, scores, oks = 0, [], [], []  # oks: the checker's verdict on each row's reply
     by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
@@ -46,7 +47,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
         if reward_model is not None:
             scores.append(model_scores(reward_model, tok, rnd))
         for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True):
-            ok = done and check(row, text)
+            ok = done and checker(row, text)
             oks.append(bool(ok))
             ended += done
             tally = by_kind.setdefault(row.get("kind", "all"), [0, 0])
@@ -61,6 +62,44 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
         out["scores"] = torch.cat(scores)
         out["rm_auc"] = ranking_auc(out["scores"].tolist(), oks)
     return out
+
+
+@torch.no_grad()
+def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, temperature: float = 1.0,
+              max_new_tokens: int = 48, seed: int = 0, checker: Callable[[dict, str], bool] = check,
+              reward_model: torch.nn.Module | None = None, batch_size: int = 32) -> dict:
+    """k sampled replies to each row: pass@k (the share of prompts with at least one success; above greedy
+    success, there are good replies in the model's distribution for RL to make more likely), the share of
+    successful samples, and with a reward model "rm_auc": `ranking_auc` of its scores of these samples
+    against the checker's verdicts, which is how well it judges the policy's own replies; then also the
+    samples' "scores" and "verdicts", k per row in row order (for best-of-n, `best_of_n`)."""
+    model.eval()
+    oks, scores, passed = [], [], 0
+    s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens, group_size=k)
+    for start in range(0, len(rows), batch_size):
+        rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
+        verdicts = [bool(done) and checker(row, text)
+                    for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
+        passed += sum(any(verdicts[i : i + k]) for i in range(0, len(verdicts), k))
+        oks += verdicts
+        if reward_model is not None:
+            scores += model_scores(reward_model, tok, rnd).tolist()
+    out = {f"pass_at_{k}": passed / max(1, len(rows)), "sample_success": sum(oks) / max(1, len(oks))}
+    if reward_model is not None:
+        out.update(rm_auc=ranking_auc(scores, oks), scores=scores, verdicts=oks)
+    return out
+
+
+def best_of_n(scores: list[float], verdicts: list[bool], k: int, n: int) -> tuple[float, float]:
+    """Best-of-n against a reward model, from k ≥ n samples per prompt: keep the reply it scores highest of
+    each prompt's first n. Returns (gold success, mean reward-model score) of the kept replies; its KL to the
+    sampling policy is log n − (n−1)/n (Stiennon et al., 2020; Gao et al., 2022)."""
+    gold = proxy = 0.0
+    prompts = len(scores) // k
+    for i in range(0, len(scores), k):
+        best = max(range(i, i + n), key=lambda j: scores[j])
+        gold, proxy = gold + verdicts[best], proxy + scores[best]
+    return gold / prompts, proxy / prompts
 
 
 def load_prompts(path: str) -> list[dict]:

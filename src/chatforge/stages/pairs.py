@@ -2,7 +2,9 @@
 
 For each prompt, sample `rl.group_size` replies from the policy, score them with a reward function or a
 reward model (the labeller), and keep the best reply as "chosen" and the worst as "rejected" when their
-scores differ. This is InstructGPT's comparison data (labellers rank K samples of the SFT model, §3.5),
+scores differ; or, with `per_group` > 1, up to that many pairs of a higher- and a lower-scored reply, as
+InstructGPT takes all K-choose-2 comparisons of a ranking. This is InstructGPT's comparison data (labellers
+rank K samples of the SFT model, §3.5),
 with a program or a reward model in the labeller's place, and what "online" and "iterative" DPO feed
 DPO instead of a fixed human dataset (Xiong et al., 2024; Guo et al., 2024).
 
@@ -13,6 +15,7 @@ pairs of its own replies move the ones it does write, the same ones PPO and GRPO
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,35 +28,38 @@ from chatforge.stages.rollout import Round, load_prompt_rows, load_scorer, sampl
 from chatforge.tokenizer import load_tokenizer
 
 
-def best_and_worst(rnd: Round, scores: torch.Tensor, group_size: int) -> list[dict]:
-    """One {"prompt", "chosen", "rejected"} per group whose best and worst ended replies score differently
-    (a reply cut off by the token budget is not a whole answer, so it is never part of a pair)."""
-    pairs = []
+def best_and_worst(rnd: Round, scores: torch.Tensor, group_size: int, per_group: int = 1,
+                   seed: int = 0) -> list[dict]:
+    """{"prompt", "chosen", "rejected"} pairs of each group's ended replies (a reply cut off by the token
+    budget is not a whole answer, so it is never part of a pair): per_group = 1, the best against the worst
+    when they score differently; more, up to that many of all the (higher, lower) pairs, a seeded sample."""
+    pairs, rng = [], random.Random(seed)
     for start in range(0, len(rnd.rows), group_size):
         ok = [i for i in range(start, start + group_size) if bool(rnd.ended[i]) and rnd.texts[i].strip()]
-        if len(ok) < 2:
-            continue
-        best = max(ok, key=lambda i: float(scores[i]))
-        worst = min(ok, key=lambda i: float(scores[i]))
-        if float(scores[best]) > float(scores[worst]) and rnd.texts[best] != rnd.texts[worst]:
-            pairs.append({"prompt": rnd.rows[start]["prompt"], "chosen": rnd.texts[best],
-                          "rejected": rnd.texts[worst]})
+        if per_group == 1 and ok:
+            ok = [max(ok, key=lambda i: float(scores[i])), min(ok, key=lambda i: float(scores[i]))]
+        ordered = [(a, b) for a in ok for b in ok if float(scores[a]) > float(scores[b])
+                   and rnd.texts[a] != rnd.texts[b]]
+        for a, b in rng.sample(ordered, min(per_group, len(ordered))):
+            pairs.append({"prompt": rnd.rows[start]["prompt"], "chosen": rnd.texts[a], "rejected": rnd.texts[b]})
     return pairs
 
 
 def sample_pairs(policy: torch.nn.Module, tok, rows: list[dict], rl: RLConfig,
-                 score: Callable[[Round], torch.Tensor], seed: int = 0, prompts_per_batch: int = 32) -> list[dict]:
+                 score: Callable[[Round], torch.Tensor], seed: int = 0, prompts_per_batch: int = 32,
+                 per_group: int = 1) -> list[dict]:
     from tqdm import tqdm
 
     pairs = []
     for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs", unit="batch"):
         rnd = sample_round(policy, tok, rows[start : start + prompts_per_batch], rl, seed + start)
-        pairs += best_and_worst(rnd, score(rnd), rl.group_size)
+        pairs += best_and_worst(rnd, score(rnd), rl.group_size, per_group, seed + start)
     return pairs
 
 
 def run_pairs(policy_run: str | Path, prompts: str | Path, reward: str, out: str | Path, group_size: int = 4,
-              temperature: float = 1.0, max_new_tokens: int = 40, limit: int | None = None, seed: int = 0) -> dict:
+              temperature: float = 1.0, max_new_tokens: int = 40, limit: int | None = None, seed: int = 0,
+              per_group: int = 1) -> dict:
     """Write pairs of `policy_run`'s replies to `prompts` (a task-prompt .jsonl) to `out` (.jsonl).
     `reward` is a module:function (called with the prompt, the reply and the row's other fields) or a
     reward-model run folder."""
@@ -66,7 +72,7 @@ def run_pairs(policy_run: str | Path, prompts: str | Path, reward: str, out: str
     is_run = Path(reward).is_dir()
     score, _ = load_scorer(policy_run, tok, reward if is_run else None, "" if is_run else reward)
     rl = RLConfig(group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    pairs = sample_pairs(policy, tok, rows, rl, score, seed)
+    pairs = sample_pairs(policy, tok, rows, rl, score, seed, per_group=per_group)
     if not pairs:
         raise ChatforgeError(f"pairs: no group of {group_size} replies had two different scores; "
                              "sample more replies per prompt (--group) or at a higher --temperature")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,16 @@ def load_reward_function(spec: str) -> Callable[..., float]:
     return fn
 
 
+def distinct_2(texts: list[str]) -> float:
+    """Distinct bigrams over all bigrams of the replies (Li et al., 2016), a word or a Chinese character
+    a unit: a policy collapsing to one template falls towards 0."""
+    grams = []
+    for text in texts:
+        units = re.findall(r"[\u4e00-\u9fff]|[^\s\u4e00-\u9fff]+", text)
+        grams += zip(units, units[1:], strict=False)
+    return len(set(grams)) / max(1, len(grams))
+
+
 def function_scores(fn: Callable[..., float], spec: str, rnd: Round) -> torch.Tensor:
     scores = []
     for row, text in zip(rnd.rows, rnd.texts, strict=True):
@@ -230,6 +241,7 @@ class RLRun:
         self.rows = load_prompt_rows(prompts, self.tok, room)
         self.val_rows = load_prompt_rows(val, self.tok, room)[:64] if val else []
         self.score, self.reward_model = load_scorer(init, self.tok, reward_run, self.rl.reward)
+        self.gold = load_reward_function(self.rl.gold) if self.rl.gold else None
         if cfg.lora.r > 0:
             apply_lora(self.policy, cfg.lora)
         self.device = pick_device(cfg.train.device)
@@ -268,7 +280,11 @@ class RLRun:
                 reward = mean_across_ranks(self.round.scores.mean().item())
                 self.round_stats = {"reward": reward, "kl": kl, "kl_coef": self.kl.coef,
                                     "reply_tokens": self.round.mask.sum(-1).mean().item(),
-                                    "end_rate": self.round.ended.float().mean().item(), **prepare(self.round)}
+                                    "end_rate": self.round.ended.float().mean().item(),
+                                    "distinct_2": distinct_2(self.round.texts), **prepare(self.round)}
+                if self.gold is not None:  # watched, never optimised
+                    gold = function_scores(self.gold, self.rl.gold, self.round).mean().item()
+                    self.round_stats["gold"] = mean_across_ranks(gold)
                 self.kl.update(kl, len(self.round))
                 size = max(1, self.cfg.train.batch_size // rank_world()[1])  # batch_size: replies of all ranks
                 self.batches = minibatches(len(self.round), size, self.rl.epochs,
