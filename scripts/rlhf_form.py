@@ -94,7 +94,7 @@ def plot_overoptimisation(ppo_log: list[dict], bon: list[dict], path: Path) -> N
     gold_ax.set_xlabel("√KL to the SFT model (nats^½)")
     gold_ax.set_ylabel("gold success of the samples")
     proxy_ax.set_ylabel("reward-model score")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.95), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--demos", type=int, default=300, help="form demonstrations in SFT (few: that is the point)")
     p.add_argument("--held-out", type=int, default=300, help="held-out prompts scored (a seeded sample)")
     p.add_argument("--rm-prompts", type=int, default=1500, help="RL prompts whose samples are compared")
+    p.add_argument("--ppo", nargs="*", default=["train.steps=60"], help="PPO overrides on configs/demo-ppo.toml")
     args = p.parse_args()
     out, tasks, seed = args.out, args.out / "tasks", args.seed
     quiet = ["train.eval_every=100000", "train.checkpoint_every=100000", f"train.seed={seed}"]
@@ -126,7 +127,7 @@ def main() -> None:
         cfg = load_config(REPO / "configs" / "demo-rm.toml", ["train.steps=300", *quiet])
         run_reward(cfg, out / "sft", tasks / "pairs.jsonl", tasks / "pairs_val.jsonl", out / "rm")
     if not (out / "ppo" / "model.safetensors").is_file():  # step 3: PPO against it, never the judge
-        cfg = load_config(REPO / "configs" / "demo-ppo.toml", ["train.steps=60", f"rl.gold={GOLD}", *quiet])
+        cfg = load_config(REPO / "configs" / "demo-ppo.toml", [*args.ppo, f"rl.gold={GOLD}", *quiet])
         run_ppo(cfg, out / "sft", tasks / "ppo_prompts.jsonl", out / "ppo", out / "rm", tasks / "held.jsonl")
     rows, rm = read_jsonl(tasks / "held.jsonl"), load_reward_model(out / "rm").eval()
     sft, ppo = measure(out / "sft", rows, rm, seed, k=16), measure(out / "ppo", rows, rm, seed)
