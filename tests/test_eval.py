@@ -212,7 +212,7 @@ def test_ranking_auc_is_the_share_of_success_failure_pairs_ranked_right():
     assert ranking_auc([1.0, 2.0], [True, True]) is None  # no failure to compare with
 
 
-def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run, tasks, monkeypatch):
+def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run, tasks):
     """With a reward model, evaluate_task's rm_auc is ranking_auc of the scores it returns against the
     checker's verdicts on the same greedy replies. The tiny test model fails every prompt, so a stand-in
     checker (reply of even length) gives both verdicts; without a reward model there is no rm_auc."""
@@ -222,12 +222,11 @@ def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run,
     def even_length(row, reply):
         return len(reply) % 2 == 0
 
-    monkeypatch.setattr(task, "check", even_length)
     torch.manual_seed(0)
     model, tok = load_run_model(sft_run[0]), load_tokenizer(sft_run[0])
     scorer = Classifier(load_run_model(sft_run[0]), 1).eval()
     rows = task.load_prompts(str(tasks / "prompts_heldout.jsonl"))[:48]
-    e = task.evaluate_task(model, tok, rows, reward_model=scorer, max_new_tokens=48)
+    e = task.evaluate_task(model, tok, rows, reward_model=scorer, max_new_tokens=48, checker=even_length)
     assert len(e["scores"]) == len(rows) and 0 < e["success"] < 1
     rnd = task.sample_round(model, tok, rows, task.RLConfig(temperature=0.0, max_new_tokens=48), 0)  # greedy: the same
     oks = [bool(done) and even_length(r, t) for r, t, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
