@@ -244,3 +244,27 @@ def test_the_copy_phase_has_its_row_before_sft(tmp_path):
     assert "repeated exactly" in row and "**96.0%** (English 98.0%, Chinese 94.0%)" in row
     assert en.index("| copy |") < en.index("| SFT |")
     assert "| 复制 |" in zh and "**96.0%** (英文 98.0%,中文 94.0%)" in zh
+
+
+def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_path):
+    run = make_run(tmp_path)
+    lang = {"greedy_en": 0.5, "greedy_zh": 0.125}
+    rounds = [{"step": 4 * i, "kl": i / 2, "reward": -1 + i / 5, "gold": 0.3 + i / 50, "distinct_2": 0.6}
+              for i in range(1, 11)]
+    _write_json(run / "form" / "eval.json", {
+        "seed": 1, "held_out_prompts": 300, "headroom": 0.275, "rm_auc": 0.9321, "rm_accuracy": 0.9012,
+        "sft": {"greedy": 0.3125, "pass_at_8": 0.5875, **lang},
+        "ppo": {"greedy": 0.4375, "gain": 0.125, "kl": 4.56, "rounds": rounds, **lang},
+        "dpo": {"greedy": 0.25, "gain": -0.0625, **lang},
+        "best_of_n": [{"n": n, "kl": 0.1 * n, "gold": 0.3 + n / 100, "proxy": n / 10} for n in (1, 2, 4, 8, 16)]})
+    page = build_report(run)
+    md = (page.parent / "report.md").read_text(encoding="utf-8")
+    assert (page.parent / "overoptimisation.png").is_file()
+    section = md[md.index("## Alignment: verse in a form"):]
+    assert "headroom +27.5 points" in section and "AUC 93.2%" in section
+    assert _md_row(md, "PPO against the reward model", "## Alignment")[1:6] == ["43.8%", "50.0%", "12.5%", "+12.5",
+                                                                                "4.56"]
+    table = results_table(run)
+    assert "31.2% / **58.8%** (+27.5)" in table and "**93.2%**; 90.1%" in table
+    assert "**43.8%** (+12.5) (50.0% / 12.5%); KL 4.56" in table
+    assert "GRPO against the judge" not in table  # not run: no row, and no "not run yet" for the verse stages

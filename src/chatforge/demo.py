@@ -21,9 +21,6 @@ from chatforge.eval.energy import load_energy, measure
 from chatforge.model.generate import Sampling, stream_text
 from chatforge.model.io import load_run_model
 from chatforge.stages.classify import run_classify
-from chatforge.stages.dpo import run_dpo
-from chatforge.stages.grpo import run_grpo
-from chatforge.stages.ppo import run_ppo
 from chatforge.stages.pretrain import run_pretrain
 from chatforge.stages.reward import run_reward
 from chatforge.stages.sft import run_sft
@@ -145,30 +142,16 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
     r["rm_accuracy"] = rm["val_accuracy"]
     print(f"   held-out pairwise accuracy {rm['val_accuracy']:.1%} on {rm['val_pairs']} pairs (chance 50%)")
 
-    print(f"== 8/11 align: {', '.join(align) or 'none'} from the SFT model")
-    runners = {
-        "ppo": lambda resume: run_ppo(load_config(configs / "demo-ppo.toml"), out / "sft",
-                                      tasks / "prompts_rl.jsonl", out / "ppo", out / "rm",
-                                      tasks / "prompts_heldout.jsonl", resume),
-        "grpo": lambda resume: run_grpo(load_config(configs / "demo-grpo.toml"), out / "sft",
-                                        tasks / "prompts_rl.jsonl", out / "grpo", None,
-                                        tasks / "prompts_heldout.jsonl", resume),
-        "dpo": lambda resume: run_dpo(load_config(configs / "demo-dpo.toml"), out / "sft", tasks / "prefs_rl.jsonl",
-                                      tasks / "prefs_val.jsonl", out / "dpo", resume),
-    }
-    for name in (a for a in ALIGNERS if a in align):
-        print(f"   -- {name}")
-        result = run_stage(name, out / name, ["model.safetensors", "eval.json"], runners[name])
-        if "val_kl" in result:  # an RL run: reward on each round's fresh prompts, first and last five logged steps
-            log = [json.loads(line) for line in (out / name / "metrics.jsonl").open()]
-            rewards = [row["reward"] for row in log if "reward" in row]
-            r[f"{name}_reward_first"], r[f"{name}_reward_last"] = rewards[0], sum(rewards[-5:]) / len(rewards[-5:])
-            r[f"{name}_kl"] = result["val_kl"]
-            print(f"   {name}: training reward {rewards[0]:.2f} -> {r[f'{name}_reward_last']:.2f}, "
-                  f"held-out KL to SFT {result['val_kl']:.2f} nats/reply")
-        if "val_reward_accuracy" in result:
-            r[f"{name}_preference_accuracy"] = result["val_reward_accuracy"]
-            print(f"   {name}: held-out implicit-reward accuracy {result['val_reward_accuracy']:.1%}")
+    print(f"== 8/11 align: InstructGPT's steps on verse in a form, a task with headroom; {', '.join(align) or 'none'}")
+    from chatforge.demo_form import form_results, run_form
+
+    form = run_form(out / "sft", tasks / "sft_replay.jsonl", out / "form", align)
+    r.update(form_results(form, out / "form"))
+    print(f"   SFT greedy {form['sft']['greedy']:.1%}, pass@8 {form['sft']['pass_at_8']:.1%} (headroom "
+          f"{form['headroom']:+.1%}); reward model AUC on SFT's samples {form['rm_auc']:.1%}")
+    for name in (a for a in ALIGNERS if a in form):
+        kl = f", KL to SFT {form[name]['kl']:.2f} nats/reply" if "kl" in form[name] else ""
+        print(f"   {name}: held-out gold success {form[name]['greedy']:.1%} ({form[name]['gain']:+.1%}){kl}")
 
     print("== 9/11 classify: which source is this line from?")
     cls = run_stage("classify", out / "classify", ["classifier.safetensors", "eval.json"],
@@ -191,11 +174,10 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         print(f"   {name}: {shown}")
     r["choice_chance"] = report["chance"]["choice"]
 
-    for stage in ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", *align, "classify", "eval"):
+    for stage in ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "classify", "eval"):
         energy = load_energy(out / stage)
         if energy:
             r[f"{'prepare' if stage == 'data' else stage}_seconds"] = round(energy["seconds"], 1)
-    r["align_seconds"] = round(sum(r.get(f"{a}_seconds", 0) for a in align), 1)
     # the run's cost as it stands (a skipped stage counts what it cost when it ran), and this invocation's
     r["total_seconds"] = round(sum(v for k, v in r.items() if k.endswith("_seconds") and k != "align_seconds"), 1)
     r["this_run_seconds"] = round(time.perf_counter() - t0, 1)
@@ -207,7 +189,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
 
     html = build_report(out)
     print(results_table(out))
-    chat_run = out / align[0] if align else out / "sft"
+    chat_run = out / "form" / align[0] if align else out / "sft"
     print(f"== demo done in {r['this_run_seconds']:.0f}s; report: {html} (and report.md beside it)\n"
           f"   .venv/bin/chatforge chat --run {chat_run}\n"
           f"   .venv/bin/chatforge serve --run {out}     # web chat + arena of every model: http://127.0.0.1:8000/")

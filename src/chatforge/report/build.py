@@ -17,7 +17,8 @@ from chatforge.report.plots import draw_all
 from chatforge.report.summary import seconds
 from chatforge.report.tables import energy_table, md_escape_text, md_inline_html, md_table, model_table, summary_table
 
-PLOT_FILES = ("loss.png", "pretrain_bpb.png", "lr.png", "rl.png", "accuracy.png", "success.png", "energy.png")
+PLOT_FILES = ("loss.png", "pretrain_bpb.png", "lr.png", "rl.png", "accuracy.png", "success.png", "overoptimisation.png",
+              "energy.png")
 MAX_SAMPLES = 24
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI","Noto Sans","Noto Sans CJK SC","PingFang SC","Microsoft YaHei",
@@ -72,6 +73,40 @@ def _model_blocks(info: dict, models: dict[str, dict], plots: dict[str, str]) ->
     if harms:
         parts = [f"{k}: {v}" for k, v in harms.items()]
         blocks.append(("note", "Harms probe — " + "; ".join(parts) + "."))
+    return blocks
+
+
+def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
+    """The alignment part (demo_form.py): InstructGPT's steps 2 and 3 on verse in a form, judged by a program."""
+    form = info.get("form") or {}
+    if not form.get("sft"):
+        return []
+    pc = lambda x: f"{100 * x:.1f}%" if isinstance(x, int | float) else "—"  # noqa: E731
+    rows = [["SFT (a few demonstrations)", pc(form["sft"]["greedy"]), pc(form["sft"]["greedy_en"]),
+             pc(form["sft"]["greedy_zh"]), "", "0"]]
+    names = {"ppo": "PPO against the reward model", "grpo": "GRPO against the judge", "dpo": "DPO on the comparisons"}
+    for key, name in names.items():
+        m = form.get(key)
+        if isinstance(m, dict):
+            kl = f"{m['kl']:.2f}" if isinstance(m.get("kl"), int | float) else "—"
+            rows.append([name, pc(m["greedy"]), pc(m["greedy_en"]), pc(m["greedy_zh"]), f"{100 * m['gain']:+.1f}", kl])
+    best = form["best_of_n"][-1]
+    rows.append([f"best-of-{best['n']} against the reward model (samples)", pc(best["gold"]), "", "", "",
+                 f"{best['kl']:.2f}"])
+    blocks: list[tuple] = [
+        ("h2", "Alignment: verse in a form, judged by a program"),
+        ("p", f"On {form['held_out_prompts']} held-out prompts: the SFT model's pass@8 at T = 1 is "
+              f"{pc(form['sft']['pass_at_8'])} against {pc(form['sft']['greedy'])} greedy (headroom "
+              f"{100 * form['headroom']:+.1f} points); the reward model ranks the SFT model's own good samples "
+              f"above its bad ones with AUC {pc(form['rm_auc'])} (pairwise accuracy on held-out comparisons "
+              f"{pc(form['rm_accuracy'])})."),
+        ("table", ["model", "gold success (greedy)", "English", "Chinese", "gain over SFT (points)",
+                   "KL to SFT (nats/reply)"], rows)]
+    if "overoptimisation" in plots:
+        blocks.append(("img", plots["overoptimisation"], "Proxy (reward model) and gold (judge) against √KL: PPO's "
+                                                         "rounds and best-of-n (Gao et al., 2022, Fig. 1)"))
+    blocks.append(("note", "Which split: held-out keywords never trained on; the judge (tasks/form.py: check) "
+                           "scores the form the prompt asks for and is never optimised by PPO."))
     return blocks
 
 
@@ -209,7 +244,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
         (out / name).unlink(missing_ok=True)
     models = {m: v for m in MODELS if (v := model_metrics(info, m))}
     plots = draw_all(info, models, out)
-    blocks = (_summary_blocks(info) + _model_blocks(info, models, plots) + _sample_blocks(info)
+    blocks = (_summary_blocks(info) + _model_blocks(info, models, plots) + _form_blocks(info, plots)
+              + _sample_blocks(info)
               + _curve_blocks(info, plots) + _energy_blocks(info, plots))
     blocks.insert(0, ("p", f"Run folder: `{info['dir'].resolve()}`. Stages found: "
                            f"{', '.join(info['stages']) or 'none'}."))

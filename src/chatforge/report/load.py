@@ -98,6 +98,7 @@ def load_run(run_dir: str | Path) -> dict:
         energy = read_json((run if name == single else run / name) / "energy.json")
         if energy:
             info["energy"][name] = energy
+    info["form"] = read_json(run / "form" / "eval.json")  # the alignment part (demo_form.py)
     info["data_meta"] = read_json(run / "data" / "meta.json")
     info["has_tokenizer"] = (run / "tokenizer" / "tokenizer.json").is_file()
     info["counts"] = {"prefs_val": _count_lines(run / "tasks" / "prefs_val.jsonl"),

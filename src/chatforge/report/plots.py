@@ -173,11 +173,40 @@ def plot_success(models: dict[str, dict], out_dir: Path) -> str | None:
     return _save(fig, out_dir, "success.png")
 
 
+def plot_overoptimisation(form: dict, out_dir: Path) -> str | None:
+    """Gao et al. (2022), Fig. 1: the gold (judge) and proxy (reward-model) scores against √KL to the SFT
+    model, for PPO's rounds (their samples) and for best-of-n sampling of the SFT model against the reward
+    model. Over-optimisation shows as the proxy climbing while the gold score stalls or falls."""
+    rounds = [r for r in form.get("ppo", {}).get("rounds", []) if "gold" in r]
+    bon = form.get("best_of_n", [])
+    if not rounds and not bon:
+        return None
+    fig = Figure(figsize=(6.4, 4.2))
+    gold_ax = fig.subplots()
+    proxy_ax = gold_ax.twinx()
+    x = [math.sqrt(max(r["kl"], 0.0)) for r in rounds]
+    gold_ax.plot(x, [r["gold"] for r in rounds], "o-", color="tab:green", ms=3, label="PPO: gold (judge)")
+    proxy_ax.plot(x, [r["reward"] for r in rounds], "o--", color="tab:blue", ms=3, label="PPO: proxy (reward model)")
+    xb = [math.sqrt(b["kl"]) for b in bon]
+    gold_ax.plot(xb, [b["gold"] for b in bon], "s-", color="tab:olive", ms=3, label="best-of-n: gold")
+    proxy_ax.plot(xb, [b["proxy"] for b in bon], "s--", color="tab:cyan", ms=3, label="best-of-n: proxy")
+    gold_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    gold_ax.set_xlabel("√KL to the SFT model (nats^½)")
+    gold_ax.set_ylabel("gold success of the samples")
+    proxy_ax.set_ylabel("reward-model score")
+    gold_ax.set_title("Reward model (proxy) vs judge (gold) as the policy moves away from SFT", fontsize=9)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.88), fontsize=7)
+    gold_ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "overoptimisation.png")
+
+
 def draw_all(info: dict, models: dict[str, dict], out_dir: Path) -> dict[str, str]:
     """Every plot the run has data for: {plot id: file name}, in report order."""
     plots = {"loss": plot_per_stage(info, out_dir, "loss", "loss.png", "Training loss per stage", "loss"),
              "pretrain_bpb": plot_bpb(info, out_dir),
              "lr": plot_per_stage(info, out_dir, "lr", "lr.png", "Learning-rate schedule per stage", "learning rate"),
              "rl": plot_rl(info, out_dir), "accuracy": plot_accuracy(info, out_dir),
-             "success": plot_success(models, out_dir), "energy": plot_energy(info, out_dir)}
+             "success": plot_success(models, out_dir),
+             "overoptimisation": plot_overoptimisation(info.get("form", {}), out_dir),
+             "energy": plot_energy(info, out_dir)}
     return {k: v for k, v in plots.items() if v}

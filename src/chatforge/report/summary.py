@@ -364,6 +364,12 @@ def _energy(info: dict, z: bool) -> list[dict]:
     return rows
 
 
+def form_rows(info: dict, z: bool) -> list[dict]:
+    from chatforge.report.summary_form import form_rows as rows  # it imports this module's helpers
+
+    return rows(info, z)
+
+
 def stage_rows(info: dict, lang: str = "en", missing: bool = False) -> list[dict]:
     """The summary rows in README order; with `missing`, one "not run yet" row for each absent stage."""
     z = lang == "zh"
@@ -372,15 +378,16 @@ def stage_rows(info: dict, lang: str = "en", missing: bool = False) -> list[dict
     builders = [("tokenizer", lambda: _tokenizer(info, z)), ("prepare", lambda: _prepare(info, z)),
                 ("pretrain", lambda: _pretrain(info, z)), ("copy", lambda: _copy(info, z)),
                 ("sft", lambda: _sft(info, z, n)),
-                ("rm", lambda: _rm(info, z)), ("ppo", lambda: _ppo(info, z, n)), ("grpo", lambda: _grpo(info, z, n)),
-                ("dpo", lambda: _dpo(info, z)), ("classify", lambda: _classify(info, z)),
-                ("eval", lambda: _eval(info, z)), ("energy", lambda: _energy(info, z))]
+                ("rm", lambda: _rm(info, z)), ("form", lambda: form_rows(info, z)), ("ppo", lambda: _ppo(info, z, n)),
+                ("grpo", lambda: _grpo(info, z, n)), ("dpo", lambda: _dpo(info, z)),
+                ("classify", lambda: _classify(info, z)), ("eval", lambda: _eval(info, z)),
+                ("energy", lambda: _energy(info, z))]
     rows: list[dict] = []
     for stage, build in builders:
         got = build()
         for row in got:
-            row["label"] = LABELS[lang][stage]
-        if not got and missing:
+            row["label"] = LABELS[lang][row["stage"]]
+        if not got and missing and stage != "form" and not (stage in ("ppo", "grpo", "dpo") and info.get("form")):
             got = [{"stage": stage, "label": LABELS[lang][stage], "missing": True,
                     "command": COMMANDS[stage].replace("RUN", str(info["dir"]))}]
         rows += got
