@@ -78,3 +78,20 @@ def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
     assert out["pass_at_4"] == sum(any(verdicts[i : i + 4]) for i in range(0, 24, 4)) / 6
     assert out["sample_success"] == sum(verdicts) / 24 <= out["pass_at_4"]
     assert out["rm_auc"] == ranking_auc(out["scores"], verdicts)
+
+
+def test_evaluate_task_reports_each_language_of_a_task_whose_kind_has_a_prefix(sft_run, tasks):
+    """The form task's rows say "form_en" / "form_zh": success by language must still be reported."""
+    from chatforge.eval.task import evaluate_task
+    from chatforge.model.io import load_run_model
+    from chatforge.stages.rollout import load_prompt_rows
+    from chatforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(sft_run[0])
+    rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:6]  # evaluate_task keeps 6 samples
+    rows = [r | {"kind": "form_en" if i % 2 else "form_zh"} for i, r in enumerate(rows)]
+    even = lambda row, reply: len(reply) % 2 == 0  # noqa: E731
+    out = evaluate_task(load_run_model(sft_run[0]), tok, rows, max_new_tokens=16, checker=even)
+    oks = [bool(s["ok"]) for s in out["samples"]]
+    assert out["success_en"] == sum(oks[1::2]) / 3 and out["success_zh"] == sum(oks[0::2]) / 3
+    assert out["success"] == sum(oks) / 6

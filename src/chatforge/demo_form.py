@@ -28,7 +28,7 @@ from chatforge.tokenizer import load_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
 GOLD = "chatforge.tasks.form:reward"
-DEMOS, HELD_OUT, RM_PROMPTS = 300, 300, 600  # form demonstrations in SFT, held-out prompts scored, RM prompts
+DEMOS, HELD_OUT, RM_PROMPTS = 300, 300, 500  # form demonstrations in SFT, held-out prompts scored, RM prompts
 METHODS = ("ppo", "grpo", "dpo")
 
 
@@ -53,7 +53,8 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
     mix = form + rng.sample(read_jsonl(replay), 3 * len(form))
     rng.shuffle(mix)
     write_jsonl(tasks / "mix.jsonl", mix)
-    write_jsonl(tasks / "held.jsonl", rng.sample(read_jsonl(tasks / "form_heldout.jsonl"), held_out))
+    held = write_jsonl(tasks / "held.jsonl", rng.sample(read_jsonl(tasks / "form_heldout.jsonl"), held_out))
+    write_jsonl(tasks / "rm_val_prompts.jsonl", read_jsonl(held)[: held_out // 2])  # the RM's held-out pairs
     rl = read_jsonl(tasks / "form_rl.jsonl")
     write_jsonl(tasks / "rm_prompts.jsonl", rl[:rm_prompts])
     write_jsonl(tasks / "rl_prompts.jsonl", rl[rm_prompts:])
@@ -153,7 +154,7 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
     run_stage("form-pairs", form / "pairs", ["pairs.jsonl", "pairs_val.jsonl"], lambda _: (
         run_pairs(form / "sft", tasks / "rm_prompts.jsonl", GOLD, form / "pairs" / "pairs.jsonl", group_size=8,
                   per_group=4, seed=seed),
-        run_pairs(form / "sft", tasks / "held.jsonl", GOLD, form / "pairs" / "pairs_val.jsonl", group_size=8,
+        run_pairs(form / "sft", tasks / "rm_val_prompts.jsonl", GOLD, form / "pairs" / "pairs_val.jsonl", group_size=8,
                   per_group=4, seed=seed + 1)))
     print("   -- step 2, rm: a reward model on those comparisons (Bradley-Terry)")
     run_stage("form-rm", form / "rm", ["reward.safetensors", "eval.json"],

@@ -32,7 +32,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
                   temperature: float = 0.0, seed: int = 0, batch_size: int = 64,
                   reward_model: torch.nn.Module | None = None, checker: Callable[[dict, str], bool] = check) -> dict:
     """Success rate (checker) and end-token rate over `rows`, and success by language (success_en,
-    success_zh, from each row's "kind"); greedy by default so numbers repeat.
+    success_zh, from each row's "kind", or its suffix: "form_zh" is Chinese); greedy by default so numbers repeat.
     Replies are generated `batch_size` prompts at a time; one ends when it emits <|im_end|>.
     With a `reward_model`, also its score of each reply ("scores", one per row: compare two models on the
     same rows by the mean difference, or by the win-rate of one over the other) and "rm_auc": how well those
@@ -50,7 +50,8 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
             ok = done and checker(row, text)
             oks.append(bool(ok))
             ended += done
-            tally = by_kind.setdefault(row.get("kind", "all"), [0, 0])
+            lang = row.get("kind", "all").rsplit("_", 1)[-1]  # "en", "zh", and a task's "form_en", "form_zh"
+            tally = by_kind.setdefault(lang, [0, 0])
             tally[0] += ok
             tally[1] += 1
             if len(samples) < 6:
@@ -71,8 +72,8 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
     """k sampled replies to each row: pass@k (the share of prompts with at least one success; above greedy
     success, there are good replies in the model's distribution for RL to make more likely), the share of
     successful samples, and with a reward model "rm_auc": `ranking_auc` of its scores of these samples
-    against the checker's verdicts, which is how well it judges the policy's own replies; then also the
-    samples' "scores" and "verdicts", k per row in row order (for best-of-n, `best_of_n`)."""
+    against the checker's verdicts, which is how well it judges the policy's own replies. The samples'
+    "verdicts" (and with a reward model their "scores"), k per row in row order, are kept for `best_of_n`."""
     model.eval()
     oks, scores, passed = [], [], 0
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens, group_size=k)
@@ -84,9 +85,10 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
         oks += verdicts
         if reward_model is not None:
             scores += model_scores(reward_model, tok, rnd).tolist()
-    out = {f"pass_at_{k}": passed / max(1, len(rows)), "sample_success": sum(oks) / max(1, len(oks))}
+    out = {f"pass_at_{k}": passed / max(1, len(rows)), "sample_success": sum(oks) / max(1, len(oks)),
+           "verdicts": oks}
     if reward_model is not None:
-        out.update(rm_auc=ranking_auc(scores, oks), scores=scores, verdicts=oks)
+        out.update(rm_auc=ranking_auc(scores, oks), scores=scores)
     return out
 
 
