@@ -25,12 +25,16 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     # a success outscores a failure about half the time or less (AUC 50.6% / 27.9%). Kept to show why the
     # alignment part below learns its reward model from the policy's own samples instead (docs/rlhf.md).
     assert 0.0 <= r["sft_rm_auc"] < 0.6 and r["rm_accuracy"] > r["sft_rm_auc"] + 0.3
-    # The alignment part (issue 21, demo_form.py): verse in a form, 300 held-out prompts, judged by a program.
-    # Measured fp32 on AVX2 over seeds 1337 / 1 / 2 (docs/rlhf.md); the form configs ask for fp32 on every CPU.
-    assert r["form_headroom"] >= 0.15  # pass@8 − greedy of the SFT model: HEADROOM
-    assert r["form_rm_auc"] >= 0.75  # the reward model sees the SFT model's own samples: AUC
-    assert r["form_ppo_gain"] >= 0.10 and 0 <= r["form_ppo_kl"] < KL_BOUND  # PPO against it: GAIN, KL
-    assert r["form_grpo_gain"] >= GRPO_BOUND and r["form_dpo_gain"] >= DPO_BOUND  # reported on the same prompts
+    # The alignment part (issue 21, demo_form.py): verse in a form, 300 held-out prompts, judged by a program;
+    # the issue's aims. Measured on an Intel AVX-512-bf16 CPU (2026-12-02, docs/rlhf.md), seeds 1337 / 1 / 2
+    # from the demo's bf16 SFT model, then from an fp32 one: headroom +21.3 / +21.0 / +20.3, +18.0; reward-model
+    # AUC 92.2% / 95.8% / 97.1%, 58.4%; PPO +11.3 / +17.0 / +13.3 (KL 6.5 / 7.1 / 5.8), −27.0 (KL 5.8): the
+    # last two aims fail from the fp32 model, whose reward model is nearly blind (issue 21 stays open).
+    assert r["form_headroom"] >= 0.15  # pass@8 − greedy of the form-SFT model
+    assert r["form_rm_auc"] >= 0.75  # the reward model sees the SFT model's own samples
+    assert r["form_ppo_gain"] >= 0.10 and 0 <= r["form_ppo_kl"] < 10.0  # PPO against it raises the gold score
+    # reported on the same prompts: GRPO against the judge +22.7 / +22.7 / +19.0, +22.7; DPO +6.7 / +13.7 / +0.7, +2.7
+    assert r["form_grpo_gain"] >= 0.15 and r["form_dpo_gain"] >= -0.05
     # Evaluation (chatforge eval) and the report, on the same held-out splits.
     assert abs(r["base_bpb"] - r["val_bpb"]) < 0.05 * r["val_bpb"]  # eval's bits/byte agrees with pre-training's
     # WordNet glosses: the 4 M model knows few (SFT 26.0% / 28.0%, chance 25%, ±2.5 points for 300 questions)
@@ -39,7 +43,7 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["sft_toxic_rate"] == 0.0
     demo = tmp_path / "demo"
     stages = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "classify", "eval")
-    for stage in [*stages, *(f"form/{s}" for s in ("tasks", "sft", "pairs", "rm", "ppo", "dpo", "grpo", "eval"))]:
+    for stage in [*stages, *(f"form/{s}" for s in ("tasks", "sft", "pairs", "heldout_pairs", "rm", "ppo", "dpo", "grpo", "eval"))]:
         energy = json.loads((demo / stage / "energy.json").read_text())
         assert energy["seconds"] > 0 and energy["co2_g"] == pytest.approx(energy["kwh"] * energy["grid_g_per_kwh"])
     html = (demo / "report" / "report.html").read_text(encoding="utf-8")

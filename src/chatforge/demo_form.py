@@ -107,7 +107,7 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
 
 def form_results(form: dict, folder: str | Path) -> dict:
     """The numbers of form/eval.json for results.json, flat (`form_*`), and the seconds of each step; the
-    RL part (comparisons, reward model, the RL methods) is `align_seconds`."""
+    RL part (comparisons, reward model, the RL methods; not the held-out pairs) is `align_seconds`."""
     from chatforge.eval.energy import load_energy
 
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
@@ -117,7 +117,7 @@ def form_results(form: dict, folder: str | Path) -> dict:
         r |= {f"form_{name}_{k}": form[name][k] for k in ("greedy", "greedy_en", "greedy_zh", "gain", "kl")
               if k in form[name]}
     folder = Path(folder)
-    for step in ("tasks", "sft", "pairs", "rm", *METHODS, "eval"):
+    for step in ("tasks", "sft", "pairs", "rm", *METHODS, "heldout_pairs", "eval"):
         energy = load_energy(folder / step)
         if energy:
             r[f"form_{step}_seconds"] = round(energy["seconds"], 1)
@@ -151,15 +151,17 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
               lambda resume: run_sft(cfg("form-sft.toml"),
                                      init, tasks / "mix.jsonl", form / "sft", resume=resume))
     print("   -- comparisons: the judge ranks 8 of the SFT model's samples per prompt; 4 pairs each")
-    run_stage("form-pairs", form / "pairs", ["pairs.jsonl", "pairs_val.jsonl"], lambda _: (
-        run_pairs(form / "sft", tasks / "rm_prompts.jsonl", GOLD, form / "pairs" / "pairs.jsonl", group_size=8,
-                  per_group=4, seed=seed),
-        run_pairs(form / "sft", tasks / "rm_val_prompts.jsonl", GOLD, form / "pairs" / "pairs_val.jsonl", group_size=8,
-                  per_group=4, seed=seed + 1)))
+    run_stage("form-pairs", form / "pairs", ["pairs.jsonl"], lambda _: run_pairs(
+        form / "sft", tasks / "rm_prompts.jsonl", GOLD, form / "pairs" / "pairs.jsonl", group_size=8, per_group=4,
+        seed=seed))
+    # the same on half the held-out prompts: the reward model's (and DPO's) held-out pairs, for evaluation
+    run_stage("form-heldout-pairs", form / "heldout_pairs", ["pairs.jsonl"], lambda _: run_pairs(
+        form / "sft", tasks / "rm_val_prompts.jsonl", GOLD, form / "heldout_pairs" / "pairs.jsonl", group_size=8,
+        per_group=4, seed=seed + 1))
     print("   -- step 2, rm: a reward model on those comparisons (Bradley-Terry)")
     run_stage("form-rm", form / "rm", ["reward.safetensors", "eval.json"],
               lambda resume: run_reward(cfg("form-rm.toml"), form / "sft",
-                                        form / "pairs" / "pairs.jsonl", form / "pairs" / "pairs_val.jsonl",
+                                        form / "pairs" / "pairs.jsonl", form / "heldout_pairs" / "pairs.jsonl",
                                         form / "rm", resume=resume))
     runners = {
         "ppo": lambda resume: run_ppo(cfg("form-ppo.toml", ppo),
@@ -169,7 +171,7 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
                                         form / "sft", tasks / "rl_prompts.jsonl", form / "grpo", None,
                                         tasks / "held.jsonl", resume),
         "dpo": lambda resume: run_dpo(cfg("form-dpo.toml"), form / "sft",
-                                      form / "pairs" / "pairs.jsonl", form / "pairs" / "pairs_val.jsonl",
+                                      form / "pairs" / "pairs.jsonl", form / "heldout_pairs" / "pairs.jsonl",
                                       form / "dpo", resume),
     }
     for name in (m for m in METHODS if m in methods):

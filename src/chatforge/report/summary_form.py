@@ -8,7 +8,8 @@ SPLIT = "held-out keywords of verse in a form (form/tasks/held.jsonl)"
 WHAT = {
     "en": {"sft": "verse in a form, {n} held-out prompts: SFT on {d} demonstrations, greedy gold success / "
                   "pass@8 at T = 1 (headroom for RL)",
-           "rm": "reward model fitted to the judge's comparisons of the SFT model's own samples: AUC on its "
+           "rm": "reward model fitted to the judge's comparisons of the SFT model's own samples (time: the "
+                 "comparisons and the fit): AUC on its "
                  "samples to held-out prompts (good vs bad); pairwise accuracy on held-out comparisons",
            "ppo": "PPO against the reward model (never the judge): gold success, greedy (English / Chinese); "
                   "KL to SFT",
@@ -17,7 +18,8 @@ WHAT = {
            "bon": "best-of-16 samples of the SFT model, picked by the reward model: gold success; KL"},
     "zh": {"sft": "按格式写诗句,{n} 条留出提示:用 {d} 条示范做 SFT,贪心解码的金标准成功率 / T = 1 的 pass@8"
                   "(留给 RL 的空间)",
-           "rm": "在评判程序对 SFT 模型自身采样的比较上训练的奖励模型:对留出提示采样回复的 AUC(好 vs 坏);"
+           "rm": "在评判程序对 SFT 模型自身采样的比较上训练的奖励模型(时间含采样比较与训练):"
+                 "对留出提示采样回复的 AUC(好 vs 坏);"
                  "留出比较对的成对准确率",
            "ppo": "PPO 对奖励模型优化(从不看评判程序):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
            "grpo": "GRPO 直接对评判程序优化:金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
@@ -38,9 +40,10 @@ def form_rows(info: dict, z: bool) -> list[dict]:
     lang, sft = "zh" if z else "en", form["sft"]
     w, sep = WHAT[lang], ";" if z else "; "
 
-    def t(step: str) -> str:
-        value = res.get(f"form_{step}_seconds")
-        return seconds(value, lang) if isinstance(value, int | float) else ""
+    def t(*steps: str) -> str:
+        values = [res.get(f"form_{step}_seconds") for step in steps]
+        ok = all(isinstance(v, int | float) for v in values)
+        return seconds(sum(values), lang) if ok else ""
 
     def gold(m: dict) -> str:
         gain = f" ({100 * m['gain']:+.1f})" if "gain" in m else ""
@@ -51,7 +54,7 @@ def form_rows(info: dict, z: bool) -> list[dict]:
                  f"{pct(sft['greedy'])} / **{pct(sft['pass_at_8'])}** ({100 * form['headroom']:+.1f})",
                  "目标:空间 ≥ 15 个百分点" if z else "aim: headroom ≥ 15 points", t("sft")),
             _row("rm", w["rm"], f"**{pct(form['rm_auc'])}**{sep}{pct(form['rm_accuracy'])}",
-                 "随机 50%" if z else "chance 50%", t("rm"))]
+                 "随机 50%" if z else "chance 50%", t("pairs", "rm"))]
     for name in ("ppo", "grpo", "dpo"):
         m = form.get(name)
         if isinstance(m, dict):
