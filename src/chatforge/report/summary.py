@@ -355,11 +355,11 @@ def _energy(info: dict, z: bool) -> list[dict]:
     result = f"**{1000 * kwh:.1f} Wh**, {co2:.1f} g CO2e"
     rows = [_row("energy", what, result, kettle, seconds(secs, "zh" if z else "en"))]
     if "auto_precision" in any_e:  # the numbers above hold for this kind of machine and precision (issue 20)
-        where = ("得出以上数字的机器；`train.precision = \"auto\"` 在其上选定的精度（PPO、GRPO 的配置固定为 fp32）" if z
+        where = ("得出以上数字的机器；`train.precision = \"auto\"` 在其上选定的精度（对齐部分的配置固定为 fp32）" if z
                  else "the machine every number above comes from, and the precision `train.precision = \"auto\"` "
-                      "picked there (the PPO and GRPO configs ask for fp32)")
-        other = ("另一种 CPU 或精度：数字在 docs/testing.md 所列的波动范围内" if z else
-                 "another CPU or precision: numbers within the spread in docs/testing.md")
+                      "picked there (the alignment part's configs ask for fp32)")
+        other = ("另一种 CPU 或精度：数字不同，见 docs/testing.md" if z else
+                 "another CPU or precision: other numbers (docs/testing.md)")
         rows.append(_row("energy", where, f"{any_e['device']}: **{any_e['auto_precision']}**", other))
     return rows
 
