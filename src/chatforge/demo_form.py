@@ -53,8 +53,9 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
     mix = form + rng.sample(read_jsonl(replay), 3 * len(form))
     rng.shuffle(mix)
     write_jsonl(tasks / "mix.jsonl", mix)
-    held = write_jsonl(tasks / "held.jsonl", rng.sample(read_jsonl(tasks / "form_heldout.jsonl"), held_out))
-    write_jsonl(tasks / "rm_val_prompts.jsonl", read_jsonl(held)[: held_out // 2])  # the RM's held-out pairs
+    held = rng.sample(read_jsonl(tasks / "form_heldout.jsonl"), held_out)
+    write_jsonl(tasks / "held.jsonl", held)
+    write_jsonl(tasks / "rm_val_prompts.jsonl", held[: held_out // 2])  # the RM's held-out pairs
     rl = read_jsonl(tasks / "form_rl.jsonl")
     write_jsonl(tasks / "rm_prompts.jsonl", rl[:rm_prompts])
     write_jsonl(tasks / "rl_prompts.jsonl", rl[rm_prompts:])
@@ -151,13 +152,15 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
               lambda resume: run_sft(cfg("form-sft.toml"),
                                      init, tasks / "mix.jsonl", form / "sft", resume=resume))
     print("   -- comparisons: the judge ranks 8 of the SFT model's samples per prompt; 4 pairs each")
-    run_stage("form-pairs", form / "pairs", ["pairs.jsonl"], lambda _: run_pairs(
-        form / "sft", tasks / "rm_prompts.jsonl", GOLD, form / "pairs" / "pairs.jsonl", group_size=8, per_group=4,
-        seed=seed))
+
+    def compare(prompts: str, folder: str, pair_seed: int) -> None:
+        run_stage(f"form-{folder}", form / folder, ["pairs.jsonl"], lambda _: run_pairs(
+            form / "sft", tasks / prompts, GOLD, form / folder / "pairs.jsonl", group_size=8, per_group=4,
+            seed=pair_seed))
+
+    compare("rm_prompts.jsonl", "pairs", seed)
     # the same on half the held-out prompts: the reward model's (and DPO's) held-out pairs, for evaluation
-    run_stage("form-heldout-pairs", form / "heldout_pairs", ["pairs.jsonl"], lambda _: run_pairs(
-        form / "sft", tasks / "rm_val_prompts.jsonl", GOLD, form / "heldout_pairs" / "pairs.jsonl", group_size=8,
-        per_group=4, seed=seed + 1))
+    compare("rm_val_prompts.jsonl", "heldout_pairs", seed + 1)
     print("   -- step 2, rm: a reward model on those comparisons (Bradley-Terry)")
     run_stage("form-rm", form / "rm", ["reward.safetensors", "eval.json"],
               lambda resume: run_reward(cfg("form-rm.toml"), form / "sft",
