@@ -1,12 +1,13 @@
 """The demo's alignment part (chatforge.demo_form) on its own, for one seed: from the demo's SFT model,
 a few demonstrations of "verse in a form", comparisons of the model's own samples labelled by the gold
-judge, a reward model, PPO against it, GRPO against the judge and DPO on the comparisons. Run it over
-seeds to see whether a margin is robust (issue 21 asks for 3):
+judge, a reward model, PPO against it in two iterations (the judge's comparisons of iteration 1's samples
+refresh the reward model), GRPO against the judge and DPO on the comparisons. Run it over seeds to see
+whether a margin is robust (issue 21 asks for 3):
 
     .venv/bin/python scripts/rlhf_form.py --init runs/demo/sft --out runs/form_s1 --seed 1
 
 Each step writes its own folder under --out and is skipped when complete; --out/eval.json has the numbers
-and --out/overoptimisation.png the proxy and gold scores against √KL. `--ppo` overrides configs/demo-ppo.toml.
+and --out/overoptimisation.png the proxy and gold scores against √KL. `--ppo` overrides configs/form-ppo.toml (both iterations).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1337, help="train.seed of every step, and the sampling seed")
     p.add_argument("--methods", default=",".join(METHODS), help="which of ppo, grpo, dpo to run")
     p.add_argument("--rm-prompts", type=int, default=RM_PROMPTS, help="RL prompts whose samples are compared")
-    p.add_argument("--ppo", nargs="*", default=None, help="PPO overrides on configs/demo-ppo.toml")
+    p.add_argument("--ppo", nargs="*", default=None, help="PPO overrides on configs/form-ppo.toml")
     args = p.parse_args()
     replay = args.init.parent / "tasks" / "sft_replay.jsonl"
     r = run_form(args.init, replay, args.out, tuple(m for m in args.methods.split(",") if m), args.seed, args.ppo,
                  args.rm_prompts)
-    for m in (r.get(name) for name in METHODS):
+    for m in (r.get(name) for name in ("ppo_iter1", *METHODS)):
         if m:
             m.pop("rounds", None)
             m.pop("samples", None)

@@ -206,6 +206,29 @@ def test_ppo_against_a_learned_reward_model_raises_the_held_out_gold_score(sft_r
     assert {"value_loss", "explained_variance", "clip_fraction", "entropy", "kl", "reward"} <= set(log[-1])
 
 
+def test_iterated_rlhf_continues_the_reward_model_and_keeps_the_kl_to_the_first_reference(
+        sft_run, pretrained, reward_run, tasks, tmp_path):
+    """The pieces of the demo's iterated RLHF (demo_form.py): a reward model trained further from a
+    reward-model run starts from its weights (at lr 0 it scores exactly as before), and a later PPO iteration
+    from another model keeps its KL penalty to the reference it is given."""
+    tok = load_tokenizer(sft_run[0])
+    rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:16]
+    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, RLConfig(temperature=1.0, max_new_tokens=16), seed=0)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": "Yes.", "rejected": t}) + "\n"
+                             for r, t in zip(rnd.rows, rnd.texts, strict=True) if t.strip() and t != "Yes."))
+    frozen = learning_config(REPO / "configs" / "form-rm-iter2.toml", ["train.steps=1", "train.lr=0", "train.min_lr=0"])
+    run_reward(frozen, reward_run, pairs, pairs, tmp_path / "rm2")
+    before, after = (model_scores(load_reward_model(run), tok, rnd) for run in (reward_run, tmp_path / "rm2"))
+    assert torch.allclose(before, after)
+    cfg = rl_config("train.steps=1", "rl.prompts_per_rollout=16")
+    run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "same", reward_run)
+    run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "other", reward_run,
+            reference_run=pretrained[0])
+    first_kl = [json.loads((tmp_path / run / "metrics.jsonl").open().readline())["kl"] for run in ("same", "other")]
+    assert first_kl[0] == pytest.approx(0.0, abs=1e-4) and first_kl[1] > 0.5  # SFT moved far from its base
+
+
 def test_bad_rewards_are_clear_errors(sft_run, tasks, tmp_path):
     tok = load_tokenizer(sft_run[0])
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:2]

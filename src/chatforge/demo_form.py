@@ -3,8 +3,11 @@
 
   1. SFT on a few demonstrations of the form (and replayed rows of the demo's SFT data, so it keeps them)
   2. comparisons of that model's own samples, labelled by the gold judge; a reward model fitted to them
-  3. PPO against the reward model (never the judge); GRPO against the judge and DPO on the comparisons,
-     for reference, on the same prompts
+  3. PPO against the reward model (never the judge), in two iterations of iterated RLHF (Bai et al., 2022,
+     §4.5): after iteration 1 the judge compares its policy's own samples and the reward model trains on them too,
+     so it learns to see where the policy has gone (iteration 1 alone can climb a blind spot); iteration 2
+     goes on from iteration 1's policy, its KL penalty still to the SFT model. GRPO against the judge and DPO on the
+     comparisons, for reference, on the same prompts
 
 and what the RLHF papers measure, on held-out keywords: the SFT model's headroom (pass@8 at T = 1 minus
 greedy success), the reward model's AUC on the SFT model's own samples, each method's greedy gold success
@@ -29,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
 GOLD = "chatforge.tasks.form:reward"
 DEMOS, HELD_OUT, RM_PROMPTS = 300, 300, 500  # form demonstrations in SFT, held-out prompts scored, RM prompts
+REFRESH_PROMPTS = 250  # prompts whose replies from PPO's iteration 1 the judge compares for the refreshed reward model
 METHODS = ("ppo", "grpo", "dpo")
 
 
@@ -45,8 +49,8 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
                    rm_prompts: int = RM_PROMPTS) -> None:
     """The SFT mix (a few form demonstrations and three times as many rows of the demo's own SFT data,
     `replay`, so it keeps what it had), a seeded sample of held-out prompts, and the RL prompts split
-    between the reward model's comparisons and the RL methods, so PPO never trains on a prompt the reward
-    model was fitted to."""
+    between the reward model's comparisons (of the SFT model's replies, and of PPO iteration 1's) and the RL
+    methods, so PPO never trains on a prompt the reward model was fitted to."""
     build_form_tasks(CORPUS, tasks)
     rng = random.Random(0)
     form = rng.sample(read_jsonl(tasks / "form_sft.jsonl"), demos)
@@ -58,7 +62,8 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
     write_jsonl(tasks / "rm_val_prompts.jsonl", held[: held_out // 2])  # the RM's held-out pairs
     rl = read_jsonl(tasks / "form_rl.jsonl")
     write_jsonl(tasks / "rm_prompts.jsonl", rl[:rm_prompts])
-    write_jsonl(tasks / "rl_prompts.jsonl", rl[rm_prompts:])
+    write_jsonl(tasks / "refresh_prompts.jsonl", rl[rm_prompts : rm_prompts + REFRESH_PROMPTS])
+    write_jsonl(tasks / "rl_prompts.jsonl", rl[rm_prompts + REFRESH_PROMPTS :])
 
 
 def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: int = 0) -> dict:
@@ -77,6 +82,13 @@ def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: in
     return out
 
 
+def rl_rounds(run: Path) -> list[dict]:
+    """The numbers of each round of rollouts an RL run logged: KL, reward, gold score, distinct-2."""
+    log = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    keys = ("step", "kl", "reward", "gold", "distinct_2")
+    return [{k: row[k] for k in keys if k in row} for row in log if "kl" in row]
+
+
 def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
     """Every number of the alignment part, written to form/eval.json, and the over-optimisation plot."""
     from chatforge.report.plots import plot_overoptimisation
@@ -91,16 +103,21 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
     r = {"seed": seed, "held_out_prompts": len(rows), "sft": sft, "best_of_n": bon,
          "headroom": sft["pass_at_8"] - sft["greedy"], "rm_auc": sft["rm_auc"],
          "rm_accuracy": json.loads((form / "rm" / "eval.json").read_text())["val_accuracy"]}
-    for name in methods:
+    if "ppo" in methods:
+        r["rm_iter2_accuracy"] = json.loads((form / "rm_iter2" / "eval.json").read_text())["val_accuracy"]
+    for name in (["ppo_iter1"] if "ppo" in methods else []) + list(methods):
         m = measure(form / name, rows)
         m["gain"] = m["greedy"] - sft["greedy"]
         result = json.loads((form / name / "eval.json").read_text())
         if "val_kl" in result:
             m["kl"] = result["val_kl"]
-            log = [json.loads(line) for line in (form / name / "metrics.jsonl").open()]
-            m["rounds"] = [{k: row[k] for k in ("step", "kl", "reward", "gold", "distinct_2") if k in row}
-                           for row in log if "kl" in row]
+            m["rounds"] = rl_rounds(form / name)
         r[name] = m
+    if "ppo" in methods:  # PPO's rounds of samples over both iterations, each against its own reward model
+        first = r["ppo_iter1"]["rounds"]
+        r["ppo"]["rounds"] = first + [row | {"step": row["step"] + first[-1]["step"], "iteration": 2}
+                                      for row in r["ppo"]["rounds"]]
+        del r["ppo_iter1"]["rounds"], r["ppo_iter1"]["samples"]
     plot_overoptimisation(r, form)
     (form / "eval.json").write_text(json.dumps(r, indent=2, ensure_ascii=False) + "\n")
     return r
@@ -108,21 +125,25 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
 
 def form_results(form: dict, folder: str | Path) -> dict:
     """The numbers of form/eval.json for results.json, flat (`form_*`), and the seconds of each step; the
-    RL part (comparisons, reward model, the RL methods; not the held-out pairs) is `align_seconds`."""
+    RL part (comparisons, reward models, both iterations of PPO, the other RL methods; not the held-out pairs)
+    is `align_seconds`."""
     from chatforge.eval.energy import load_energy
 
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
     r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8")}
     r["form_best_of_16"] = form["best_of_n"][-1]["gold"]
-    for name in (m for m in METHODS if m in form):
+    if "rm_iter2_accuracy" in form:
+        r["form_rm_iter2_accuracy"] = form["rm_iter2_accuracy"]
+    for name in (m for m in ("ppo_iter1", *METHODS) if m in form):
         r |= {f"form_{name}_{k}": form[name][k] for k in ("greedy", "greedy_en", "greedy_zh", "gain", "kl")
               if k in form[name]}
     folder = Path(folder)
-    for step in ("tasks", "sft", "pairs", "rm", *METHODS, "heldout_pairs", "eval"):
+    rl_steps = ("pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", *METHODS)
+    for step in ("tasks", "sft", *rl_steps, "heldout_pairs", "eval"):
         energy = load_energy(folder / step)
         if energy:
             r[f"form_{step}_seconds"] = round(energy["seconds"], 1)
-    r["align_seconds"] = round(sum(r.get(f"form_{s}_seconds", 0) for s in ("pairs", "rm", *METHODS)), 1)
+    r["align_seconds"] = round(sum(r.get(f"form_{s}_seconds", 0) for s in rl_steps), 1)
     return r
 
 
@@ -141,7 +162,7 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
     init, form, configs = Path(init), Path(form), REPO / "configs"
     tasks = form / "tasks"
 
-    def cfg(name: str, overrides: list[str] | None = None):
+    def cfg(name: str, overrides: list[str] | None = None, seed: int = seed):
         return load_config(configs / name, [*(overrides or []), f"train.seed={seed}"])
 
     print("   -- tasks: verse in a form, held-out keywords")
@@ -166,10 +187,26 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
               lambda resume: run_reward(cfg("form-rm.toml"), form / "sft",
                                         form / "pairs" / "pairs.jsonl", form / "heldout_pairs" / "pairs.jsonl",
                                         form / "rm", resume=resume))
-    runners = {
-        "ppo": lambda resume: run_ppo(cfg("form-ppo.toml", ppo),
-                                      form / "sft", tasks / "rl_prompts.jsonl", form / "ppo", form / "rm",
-                                      tasks / "held.jsonl", resume),
+    if "ppo" in methods:
+        print("   -- step 3, ppo, iteration 1: against the reward model, never the judge")
+        run_stage("form-ppo-iter1", form / "ppo_iter1", ["model.safetensors", "eval.json"],
+                  lambda resume: run_ppo(cfg("form-ppo.toml", ppo), form / "sft", tasks / "rl_prompts.jsonl",
+                                         form / "ppo_iter1", form / "rm", tasks / "held.jsonl", resume))
+        print("   -- refresh: the judge compares iteration 1's own samples; the reward model trains on them too")
+        run_stage("form-pairs-iter2", form / "pairs_iter2", ["pairs.jsonl"], lambda _: run_pairs(
+            form / "ppo_iter1", tasks / "refresh_prompts.jsonl", GOLD, form / "pairs_iter2" / "pairs.jsonl",
+            group_size=8, per_group=4, seed=seed + 2))
+        both = form / "pairs_iter2" / "both_iterations.jsonl"  # the first comparisons and the new ones
+        both.write_text((form / "pairs" / "pairs.jsonl").read_text(encoding="utf-8")
+                        + (form / "pairs_iter2" / "pairs.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+        run_stage("form-rm-iter2", form / "rm_iter2", ["reward.safetensors", "eval.json"],
+                  lambda resume: run_reward(cfg("form-rm-iter2.toml"), form / "rm", both,
+                                            form / "heldout_pairs" / "pairs.jsonl", form / "rm_iter2",
+                                            resume=resume))
+    runners = {  # PPO's iteration 2 goes on from iteration 1's policy (new prompts: another seed), KL still to SFT
+        "ppo": lambda resume: run_ppo(cfg("form-ppo.toml", ppo, seed + 1), form / "ppo_iter1",
+                                      tasks / "rl_prompts.jsonl", form / "ppo", form / "rm_iter2",
+                                      tasks / "held.jsonl", resume, reference_run=form / "sft"),
         "grpo": lambda resume: run_grpo(cfg("form-grpo.toml"),
                                         form / "sft", tasks / "rl_prompts.jsonl", form / "grpo", None,
                                         tasks / "held.jsonl", resume),
@@ -178,7 +215,7 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
                                       form / "dpo", resume),
     }
     for name in (m for m in METHODS if m in methods):
-        print(f"   -- step 3, {name}" + {"ppo": " against the reward model, never the judge",
+        print(f"   -- step 3, {name}" + {"ppo": ", iteration 2: against the refreshed reward model",
                                          "grpo": " against the judge itself (for reference)",
                                          "dpo": " on the comparisons"}[name])
         run_stage(f"form-{name}", form / name, ["model.safetensors", "eval.json"], runners[name])

@@ -84,7 +84,9 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
     pc = lambda x: f"{100 * x:.1f}%" if isinstance(x, int | float) else "—"  # noqa: E731
     rows = [["SFT (a few demonstrations)", pc(form["sft"]["greedy"]), pc(form["sft"]["greedy_en"]),
              pc(form["sft"]["greedy_zh"]), "", "0"]]
-    names = {"ppo": "PPO against the reward model", "grpo": "GRPO against the judge", "dpo": "DPO on the comparisons"}
+    names = {"ppo_iter1": "PPO, iteration 1 (first reward model)",
+             "ppo": "PPO, iteration 2 (refreshed reward model): the result",
+             "grpo": "GRPO against the judge", "dpo": "DPO on the comparisons"}
     for key, name in names.items():
         m = form.get(key)
         if isinstance(m, dict):
@@ -99,7 +101,9 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
               f"{pc(form['sft']['pass_at_8'])} against {pc(form['sft']['greedy'])} greedy (headroom "
               f"{100 * form['headroom']:+.1f} points); the reward model ranks the SFT model's own good samples "
               f"above its bad ones with AUC {pc(form['rm_auc'])} (pairwise accuracy on held-out comparisons "
-              f"{pc(form['rm_accuracy'])})."),
+              f"{pc(form['rm_accuracy'])}). PPO runs as iterated RLHF: after its first iteration the judge "
+              f"compares that policy's own samples, the reward model trains on them too (held-out accuracy "
+              f"{pc(form.get('rm_iter2_accuracy'))}), and the second iteration goes on against it."),
         ("table", ["model", "gold success (greedy)", "English", "Chinese", "gain over SFT (points)",
                    "KL to SFT (nats/reply)"], rows)]
     if "overoptimisation" in plots:

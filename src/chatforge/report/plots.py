@@ -176,7 +176,8 @@ def plot_success(models: dict[str, dict], out_dir: Path) -> str | None:
 def plot_overoptimisation(form: dict, out_dir: Path) -> str | None:
     """Gao et al. (2022), Fig. 1: the gold (judge) and proxy (reward-model) scores against √KL to the SFT
     model, for PPO's rounds (their samples) and for best-of-n sampling of the SFT model against the reward
-    model. Over-optimisation shows as the proxy climbing while the gold score stalls or falls."""
+    model. Over-optimisation shows as the proxy climbing while the gold score stalls or falls. Rounds marked
+    "iteration": 2 were scored by the refreshed reward model of iterated RLHF (demo_form.py)."""
     rounds = [r for r in form.get("ppo", {}).get("rounds", []) if "gold" in r]
     bon = form.get("best_of_n", [])
     if not rounds and not bon:
@@ -186,7 +187,13 @@ def plot_overoptimisation(form: dict, out_dir: Path) -> str | None:
     proxy_ax = gold_ax.twinx()
     x = [math.sqrt(max(r["kl"], 0.0)) for r in rounds]
     gold_ax.plot(x, [r["gold"] for r in rounds], "o-", color="tab:green", ms=3, label="PPO: gold (judge)")
-    proxy_ax.plot(x, [r["reward"] for r in rounds], "o--", color="tab:blue", ms=3, label="PPO: proxy (reward model)")
+    # iterated RLHF: each iteration's proxy is its own reward model's score, so each is its own line
+    for it, marker in ((1, "o--"), (2, "^--")):
+        part = [(xi, r["reward"]) for xi, r in zip(x, rounds, strict=True) if r.get("iteration", 1) == it]
+        if part:
+            label = "PPO: proxy (reward model)" if it == 1 else "PPO iteration 2: proxy (refreshed reward model)"
+            proxy_ax.plot(*zip(*part, strict=True), marker, color="tab:blue" if it == 1 else "tab:purple", ms=3,
+                          label=label)
     xb = [math.sqrt(b["kl"]) for b in bon]
     gold_ax.plot(xb, [b["gold"] for b in bon], "s-", color="tab:olive", ms=3, label="best-of-n: gold")
     proxy_ax.plot(xb, [b["proxy"] for b in bon], "s--", color="tab:cyan", ms=3, label="best-of-n: proxy")

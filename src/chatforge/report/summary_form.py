@@ -11,8 +11,11 @@ WHAT = {
            "rm": "reward model fitted to the judge's comparisons of the SFT model's own samples (time: the "
                  "comparisons and the fit): AUC on its "
                  "samples to held-out prompts (good vs bad); pairwise accuracy on held-out comparisons",
-           "ppo": "PPO against the reward model (never the judge): gold success, greedy (English / Chinese); "
-                  "KL to SFT",
+           "ppo": "PPO against the reward model (never the judge), two iterations, the reward model refreshed "
+                  "on the judge's comparisons of iteration 1's samples (time: both iterations and the refresh): "
+                  "gold success, greedy (English / Chinese); KL to SFT",
+           "ppo_iter1": "PPO, iteration 1 alone (against the first reward model): gold success, greedy "
+                        "(English / Chinese); KL to SFT",
            "grpo": "GRPO against the judge itself: gold success, greedy (English / Chinese); KL to SFT",
            "dpo": "DPO on the comparisons: gold success, greedy (English / Chinese)",
            "bon": "best-of-16 samples of the SFT model, picked by the reward model: gold success; KL"},
@@ -21,7 +24,9 @@ WHAT = {
            "rm": "在评判程序对 SFT 模型自身采样的比较上训练的奖励模型(时间含采样比较与训练):"
                  "对留出提示采样回复的 AUC(好 vs 坏);"
                  "留出比较对的成对准确率",
-           "ppo": "PPO 对奖励模型优化(从不看评判程序):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
+           "ppo": "PPO 对奖励模型优化(从不看评判程序),两轮迭代:第二轮前用评判程序对第一轮策略采样的比较"
+                  "更新奖励模型(时间含两轮与更新):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
+           "ppo_iter1": "只看 PPO 第一轮(对最初的奖励模型):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
            "grpo": "GRPO 直接对评判程序优化:金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
            "dpo": "在这些比较对上做 DPO:金标准成功率,贪心(英文 / 中文)",
            "bon": "SFT 模型的 16 个采样中由奖励模型选最好的:金标准成功率;KL"},
@@ -55,11 +60,12 @@ def form_rows(info: dict, z: bool) -> list[dict]:
                  "目标:空间 ≥ 15 个百分点" if z else "aim: headroom ≥ 15 points", t("sft")),
             _row("rm", w["rm"], f"**{pct(form['rm_auc'])}**{sep}{pct(form['rm_accuracy'])}",
                  "随机 50%" if z else "chance 50%", t("pairs", "rm"))]
-    for name in ("ppo", "grpo", "dpo"):
+    steps = {"ppo": ("ppo_iter1", "pairs_iter2", "rm_iter2", "ppo"), "ppo_iter1": ("ppo_iter1",)}
+    for name in ("ppo_iter1", "ppo", "grpo", "dpo"):
         m = form.get(name)
         if isinstance(m, dict):
             kl = f"{sep}KL {num(m['kl'], 2)}" if isinstance(m.get("kl"), int | float) else ""
-            rows.append(_row(name, w[name], gold(m) + kl, base, t(name)))
+            rows.append(_row(name.split("_")[0], w[name], gold(m) + kl, base, t(*steps.get(name, (name,)))))
     best = form["best_of_n"][-1]
     rows.append(_row("ppo", w["bon"], f"{pct(best['gold'])}{sep}KL {num(best['kl'], 2)}", base))
     return rows

@@ -76,18 +76,25 @@ def score_pairs(model: Classifier, pairs: list, pad_token: int, device) -> tuple
 
 def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
                margin: float = 0.0, resume: str | None = None) -> dict:
+    """A reward model from `init`: a language-model run (a new head on its last token, as InstructGPT starts
+    from the SFT model), or a reward-model run, which is trained further (a later round of iterated RLHF)."""
     out = Path(out)
     tok = load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)
-    body = load_run_model(init)
+    lora = config_to_dict(cfg.lora) if cfg.lora.r else None
+    if (Path(init) / "reward.json").is_file():
+        model = load_reward_model(init).train()
+        body, lora = model.body, json.loads((Path(init) / "reward.json").read_text()).get("lora")
+    else:
+        body = load_run_model(init)
+        if cfg.lora.r > 0:
+            apply_lora(body, cfg.lora)
+        model = Classifier(body, 1)
     cfg.model = body.cfg
     pairs, skipped = load_pairs(data, tok, body.cfg.context)
     val_pairs, _ = load_pairs(val, tok, body.cfg.context)
     if any(skipped.values()):
         print(f"rm: skipped pairs in {data}: {skipped}")
-    if cfg.lora.r > 0:
-        apply_lora(body, cfg.lora)
-    model = Classifier(body, 1)
     device = pick_device(cfg.train.device)
     sampler = ExampleSampler(len(pairs), cfg.train.batch_size, cfg.train.seed)
     pad_token = pad_id(tok)
@@ -107,7 +114,7 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
     model.cpu()
     if is_main():  # under torchrun, rank 0 writes the run folder
         save_model(model, str(out / "reward.safetensors"))
-        meta = {"model": config_to_dict(body.cfg), "lora": config_to_dict(cfg.lora) if cfg.lora.r else None}
+        meta = {"model": config_to_dict(body.cfg), "lora": lora}
         (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
         copy_tokenizer(init, out)
     summary = {"val_accuracy": result.get("val_accuracy"), "pairs": len(pairs), "val_pairs": len(val_pairs),

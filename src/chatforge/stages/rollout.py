@@ -226,7 +226,8 @@ class RLRun:
     to the shared training loop one minibatch at a time."""
 
     def __init__(self, cfg: Config, init: str | Path, prompts: str | Path, reward_run: str | Path | None,
-                 val: str | Path | None, name: str, out: Path, resume: str | None = None):
+                 val: str | Path | None, name: str, out: Path, resume: str | None = None,
+                 reference: str | Path | None = None):
         self.cfg, self.rl, self.init, self.name = cfg, cfg.rl, init, name
         if resume is None and (out / "checkpoints").exists():
             raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
@@ -234,7 +235,8 @@ class RLRun:
             raise ChatforgeError(f"{name} needs a reward: --reward RUN (a reward model) or module:function")
         self.tok = load_tokenizer(init)
         torch.manual_seed(cfg.train.seed)
-        self.policy, self.reference = load_run_model(init), load_run_model(init)
+        # the KL anchor: the starting model, or (a later round of iterated RLHF) the SFT model it came from
+        self.policy, self.reference = load_run_model(init), load_run_model(reference or init)
         self.reference.requires_grad_(False)  # the KL anchor never moves
         cfg.model = self.policy.cfg
         room = self.policy.cfg.context - self.rl.max_new_tokens
