@@ -165,7 +165,8 @@ def cmd_rl(args: argparse.Namespace) -> None:
     if args.command == "ppo":
         from chatforge.stages.ppo import run_ppo
 
-        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val, resume_point(args))
+        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val, resume_point(args),
+                         args.reference)
     else:
         from chatforge.stages.grpo import run_grpo
 
@@ -287,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("rm", help="train a reward model on preference pairs (or --score responses)",
                        description="Rows {\"prompt\", \"chosen\", \"rejected\"}: strings or message lists. "
                        "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).")
-    p.add_argument("--init", help="run folder to start from (the SFT model, as in InstructGPT)")
+    p.add_argument("--init", help="run folder to start from (the SFT model, as in InstructGPT), or a reward-model "
+                                  "run to train further on new comparisons (iterated RLHF)")
     p.add_argument("--data", help="training preference pairs, .jsonl")
     p.add_argument("--val", help="held-out preference pairs, .jsonl (pairwise accuracy)")
     p.add_argument("--margin", type=float, default=0.0, help="margin in the Bradley-Terry loss (default 0)")
@@ -331,11 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
                            f"fields go to a reward function. Settings: {rl_help}; ppo also rl.gamma, rl.lam, "
                            "rl.value_coef, rl.ptx_coef.")
         p.add_argument(start, dest="policy" if name == "ppo" else "init", required=True,
-                       help="run folder of the policy to start from (the SFT model); also the frozen reference")
+                       help="run folder of the policy to start from (the SFT model); also the frozen reference"
+                       + (" unless --reference" if name == "ppo" else ""))
         p.add_argument("--reward", required=name == "ppo",
                        help="a reward-model run folder (chatforge rm), or module:function(prompt, response, **row)"
                        " -> float, e.g. chatforge.tasks.verse:reward")
         p.add_argument("--prompts", required=True, help="training prompts, .jsonl")
+        if name == "ppo":
+            p.add_argument("--reference", help="the frozen reference of the KL penalty, if not --policy: the SFT "
+                                               "model, when --policy is an earlier PPO run (iterated RLHF)")
         p.add_argument("--val", help="held-out prompts, .jsonl: mean reward and KL to the reference while training")
         p.add_argument("--task-prompts", help="held-out demo-task prompts: constraint success before and after")
         add_run_flags(p, f"configs/demo-{name}.toml", f"runs/default/{name}")

@@ -80,8 +80,8 @@ def load_prompt_rows(path: str | Path, tok: Tokenizer, room: int) -> list[dict]:
 
 def same_tokenizer(run_a: str | Path, run_b: str | Path) -> None:
     if load_tokenizer(run_a).to_str() != load_tokenizer(run_b).to_str():
-        raise ChatforgeError(f"{run_a} and {run_b} use different tokenizers; the reward model must share the "
-                             "policy's tokenizer (train it from the same base run)")
+        raise ChatforgeError(f"{run_a} and {run_b} use different tokenizers; the reward model and the reference "
+                             "must share the policy's tokenizer (train them from the same base run)")
 
 
 @torch.no_grad()
@@ -234,6 +234,8 @@ class RLRun:
         if not reward_run and not self.rl.reward:
             raise ChatforgeError(f"{name} needs a reward: --reward RUN (a reward model) or module:function")
         self.tok = load_tokenizer(init)
+        if reference:
+            same_tokenizer(init, reference)
         torch.manual_seed(cfg.train.seed)
         # the KL anchor: the starting model, or (a later round of iterated RLHF) the SFT model it came from
         self.policy, self.reference = load_run_model(init), load_run_model(reference or init)
