@@ -253,9 +253,10 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
               | ({"iteration": 2} if i > 5 else {}) for i in range(1, 11)]  # iterated RLHF: two reward models
     _write_json(run / "form" / "eval.json", {
         "seed": 1, "held_out_prompts": 300, "headroom": 0.275, "rm_auc": 0.9321, "rm_accuracy": 0.9012,
-        "sft": {"greedy": 0.3125, "pass_at_8": 0.5875, **lang},
+        "sft": {"greedy": 0.3125, "pass_at_8": 0.5875, "sample_success": 0.25, **lang},
         "ppo_iter1": {"greedy": 0.25, "gain": -0.0625, "kl": 2.5, **lang}, "rm_iter2_accuracy": 0.95,
-        "ppo": {"greedy": 0.4375, "gain": 0.125, "kl": 4.56, "rounds": rounds, **lang},
+        "ppo": {"greedy": 0.4375, "gain": 0.125, "kl": 4.56, "rounds": rounds, "sample_success": 0.375,
+                "sample_gain": 0.125, **lang},
         "dpo": {"greedy": 0.25, "gain": -0.0625, **lang},
         "best_of_n": [{"n": n, "kl": 0.1 * n, "gold": 0.3 + n / 100, "proxy": n / 10} for n in (1, 2, 4, 8, 16)]})
     page = build_report(run)
@@ -264,11 +265,12 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
     section = md[md.index("## Alignment: verse in a form"):]
     assert "headroom +27.5 points" in section and "AUC 93.2%" in section
     second = _md_row(md, "PPO, iteration 2 (refreshed reward model): the result", "## Alignment")
-    assert second[1:6] == ["43.8%", "50.0%", "12.5%", "+12.5", "4.56"]
+    assert second[1:8] == ["43.8%", "50.0%", "12.5%", "+12.5", "37.5%", "+12.5", "4.56"]
     first = _md_row(md, "PPO, iteration 1 (first reward model)", "## Alignment")
-    assert first[1:6] == ["25.0%", "50.0%", "12.5%", "-6.2", "2.50"]
+    assert first[1:8] == ["25.0%", "50.0%", "12.5%", "-6.2", "—", "—", "2.50"]
     assert "held-out accuracy 95.0%" in section
     table = results_table(run)
     assert "31.2% / **58.8%** (+27.5)" in table and "**93.2%**; 90.1%" in table
-    assert "**43.8%** (+12.5) (50.0% / 12.5%); KL 4.56" in table and "**25.0%** (-6.2)" in table
+    assert "**43.8%** (+12.5) (50.0% / 12.5%); sampled **37.5%** (+12.5); KL 4.56" in table
+    assert "**25.0%** (-6.2)" in table and "; sampled 25.0%" in table  # SFT's samples, the baseline
     assert "GRPO against the judge" not in table  # not run: no row, and no "not run yet" for the verse stages

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "data" / "demo" / "corpus.jsonl.gz"
 GOLD = "chatforge.tasks.form:reward"
 DEMOS, HELD_OUT, RM_PROMPTS = 300, 300, 500  # form demonstrations in SFT, held-out prompts scored, RM prompts
+SAMPLES = 4  # samples at T = 1 per held-out prompt of each aligned model, for its sampled gold success
 REFRESH_PROMPTS = 250  # prompts whose replies from PPO's iteration 1 the judge compares for the refreshed reward model
 METHODS = ("ppo", "grpo", "dpo")
 
@@ -67,9 +68,10 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
 
 
 def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: int = 0) -> dict:
-    """Greedy gold success (all, English, Chinese); with k > 0 also k samples at T = 1 of each prompt:
-    pass@8, the share of good samples, and with a reward model its AUC on them and their scores and
-    verdicts (for best-of-n)."""
+    """Greedy gold success (all, English, Chinese); with k > 0 also k samples at T = 1 of each prompt: the
+    share of good samples (`sample_success`: the mean gold reward of the policy's samples, what Gao et al.
+    plot and what PPO optimises), pass@8 when k ≥ 8, and with a reward model its AUC on them and their
+    scores and verdicts (for best-of-n)."""
     model, tok = load_run_model(run), load_tokenizer(run)
     greedy = evaluate_task(model, tok, rows, max_new_tokens=40, checker=check)
     out = {"greedy": greedy["success"], "greedy_en": greedy["success_en"], "greedy_zh": greedy["success_zh"],
@@ -77,7 +79,9 @@ def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: in
     if k:
         sampled = pass_at_k(model, tok, rows, k=k, max_new_tokens=40, checker=check, reward_model=reward_model,
                             seed=seed)
-        sampled["pass_at_8"] = sum(any(sampled["verdicts"][i : i + 8]) for i in range(0, len(rows) * k, k)) / len(rows)
+        if k >= 8:
+            verdicts = sampled["verdicts"]
+            sampled["pass_at_8"] = sum(any(verdicts[i : i + 8]) for i in range(0, len(rows) * k, k)) / len(rows)
         out.update(sampled)
     return out
 
@@ -106,8 +110,10 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
     if "ppo" in methods:
         r["rm_iter2_accuracy"] = json.loads((form / "rm_iter2" / "eval.json").read_text())["val_accuracy"]
     for name in (["ppo_iter1"] if "ppo" in methods else []) + list(methods):
-        m = measure(form / name, rows)
+        m = measure(form / name, rows, seed=seed, k=SAMPLES)
+        m = {k: v for k, v in m.items() if k not in ("verdicts", f"pass_at_{SAMPLES}")}
         m["gain"] = m["greedy"] - sft["greedy"]
+        m["sample_gain"] = m["sample_success"] - sft["sample_success"]
         result = json.loads((form / name / "eval.json").read_text())
         if "val_kl" in result:
             m["kl"] = result["val_kl"]
@@ -130,13 +136,13 @@ def form_results(form: dict, folder: str | Path) -> dict:
     from chatforge.eval.energy import load_energy
 
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
-    r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8")}
+    r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8", "sample_success")}
     r["form_best_of_16"] = form["best_of_n"][-1]["gold"]
     if "rm_iter2_accuracy" in form:
         r["form_rm_iter2_accuracy"] = form["rm_iter2_accuracy"]
     for name in (m for m in ("ppo_iter1", *METHODS) if m in form):
-        r |= {f"form_{name}_{k}": form[name][k] for k in ("greedy", "greedy_en", "greedy_zh", "gain", "kl")
-              if k in form[name]}
+        r |= {f"form_{name}_{k}": form[name][k] for k in ("greedy", "greedy_en", "greedy_zh", "gain", "kl",
+                                                            "sample_success", "sample_gain") if k in form[name]}
     folder = Path(folder)
     rl_steps = ("pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", *METHODS)
     for step in ("tasks", "sft", *rl_steps, "heldout_pairs", "eval"):

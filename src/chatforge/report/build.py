@@ -83,7 +83,7 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
         return []
     pc = lambda x: f"{100 * x:.1f}%" if isinstance(x, int | float) else "—"  # noqa: E731
     rows = [["SFT (a few demonstrations)", pc(form["sft"]["greedy"]), pc(form["sft"]["greedy_en"]),
-             pc(form["sft"]["greedy_zh"]), "", "0"]]
+             pc(form["sft"]["greedy_zh"]), "", pc(form["sft"].get("sample_success")), "", "0"]]
     names = {"ppo_iter1": "PPO, iteration 1 (first reward model)",
              "ppo": "PPO, iteration 2 (refreshed reward model): the result",
              "grpo": "GRPO against the judge", "dpo": "DPO on the comparisons"}
@@ -91,9 +91,11 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
         m = form.get(key)
         if isinstance(m, dict):
             kl = f"{m['kl']:.2f}" if isinstance(m.get("kl"), int | float) else "—"
-            rows.append([name, pc(m["greedy"]), pc(m["greedy_en"]), pc(m["greedy_zh"]), f"{100 * m['gain']:+.1f}", kl])
+            sampled_gain = f"{100 * m['sample_gain']:+.1f}" if isinstance(m.get("sample_gain"), int | float) else "—"
+            rows.append([name, pc(m["greedy"]), pc(m["greedy_en"]), pc(m["greedy_zh"]), f"{100 * m['gain']:+.1f}",
+                         pc(m.get("sample_success")), sampled_gain, kl])
     best = form["best_of_n"][-1]
-    rows.append([f"best-of-{best['n']} against the reward model (samples)", pc(best["gold"]), "", "", "",
+    rows.append([f"best-of-{best['n']} against the reward model (samples)", pc(best["gold"]), "", "", "", "", "",
                  f"{best['kl']:.2f}"])
     blocks: list[tuple] = [
         ("h2", "Alignment: verse in a form, judged by a program"),
@@ -105,7 +107,7 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
               f"compares that policy's own samples, the reward model trains on them too (held-out accuracy "
               f"{pc(form.get('rm_iter2_accuracy'))}), and the second iteration goes on against it."),
         ("table", ["model", "gold success (greedy)", "English", "Chinese", "gain over SFT (points)",
-                   "KL to SFT (nats/reply)"], rows)]
+                   "gold success of samples at T = 1", "gain (points)", "KL to SFT (nats/reply)"], rows)]
     if "overoptimisation" in plots:
         blocks.append(("img", plots["overoptimisation"], "Proxy (reward model) and gold (judge) against √KL: PPO's "
                                                          "rounds and best-of-n (Gao et al., 2022, Fig. 1)"))

@@ -13,11 +13,12 @@ WHAT = {
                  "samples to held-out prompts (good vs bad); pairwise accuracy on held-out comparisons",
            "ppo": "PPO against the reward model (never the judge), two iterations, the reward model refreshed "
                   "on the judge's comparisons of iteration 1's samples (time: both iterations and the refresh): "
-                  "gold success, greedy (English / Chinese); KL to SFT",
+                  "gold success, greedy (English / Chinese); sampled at T = 1; KL to SFT",
            "ppo_iter1": "PPO, iteration 1 alone (against the first reward model): gold success, greedy "
-                        "(English / Chinese); KL to SFT",
-           "grpo": "GRPO against the judge itself: gold success, greedy (English / Chinese); KL to SFT",
-           "dpo": "DPO on the comparisons: gold success, greedy (English / Chinese)",
+                        "(English / Chinese); sampled at T = 1; KL to SFT",
+           "grpo": "GRPO against the judge itself: gold success, greedy (English / Chinese); sampled at T = 1; "
+                    "KL to SFT",
+           "dpo": "DPO on the comparisons: gold success, greedy (English / Chinese); sampled at T = 1",
            "bon": "best-of-16 samples of the SFT model, picked by the reward model: gold success; KL"},
     "zh": {"sft": "按格式写诗句,{n} 条留出提示:用 {d} 条示范做 SFT,贪心解码的金标准成功率 / T = 1 的 pass@8"
                   "(留给 RL 的空间)",
@@ -25,10 +26,10 @@ WHAT = {
                  "对留出提示采样回复的 AUC(好 vs 坏);"
                  "留出比较对的成对准确率",
            "ppo": "PPO 对奖励模型优化(从不看评判程序),两轮迭代:第二轮前用评判程序对第一轮策略采样的比较"
-                  "更新奖励模型(时间含两轮与更新):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
-           "ppo_iter1": "只看 PPO 第一轮(对最初的奖励模型):金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
-           "grpo": "GRPO 直接对评判程序优化:金标准成功率,贪心(英文 / 中文);对 SFT 的 KL",
-           "dpo": "在这些比较对上做 DPO:金标准成功率,贪心(英文 / 中文)",
+                  "更新奖励模型(时间含两轮与更新):金标准成功率,贪心(英文 / 中文);T = 1 采样;对 SFT 的 KL",
+           "ppo_iter1": "只看 PPO 第一轮(对最初的奖励模型):金标准成功率,贪心(英文 / 中文);T = 1 采样;对 SFT 的 KL",
+           "grpo": "GRPO 直接对评判程序优化:金标准成功率,贪心(英文 / 中文);T = 1 采样;对 SFT 的 KL",
+           "dpo": "在这些比较对上做 DPO:金标准成功率,贪心(英文 / 中文);T = 1 采样",
            "bon": "SFT 模型的 16 个采样中由奖励模型选最好的:金标准成功率;KL"},
 }
 
@@ -52,9 +53,15 @@ def form_rows(info: dict, z: bool) -> list[dict]:
 
     def gold(m: dict) -> str:
         gain = f" ({100 * m['gain']:+.1f})" if "gain" in m else ""
-        return f"**{pct(m['greedy'])}**{gain} ({pct(m['greedy_en'])} / {pct(m['greedy_zh'])})"
+        sampled = ""
+        if isinstance(m.get("sample_success"), int | float):  # the mean gold reward of its samples at T = 1
+            sampled = f"{sep}{'采样' if z else 'sampled'} **{pct(m['sample_success'])}**"
+            sampled += f" ({100 * m['sample_gain']:+.1f})" if "sample_gain" in m else ""
+        return f"**{pct(m['greedy'])}**{gain} ({pct(m['greedy_en'])} / {pct(m['greedy_zh'])}){sampled}"
 
     base = f"SFT {pct(sft['greedy'])} ({pct(sft['greedy_en'])} / {pct(sft['greedy_zh'])})"
+    if isinstance(sft.get("sample_success"), int | float):
+        base += f"{sep}{'采样' if z else 'sampled'} {pct(sft['sample_success'])}"
     rows = [_row("sft", w["sft"].format(n=form["held_out_prompts"], d=form.get("demos", 300)),
                  f"{pct(sft['greedy'])} / **{pct(sft['pass_at_8'])}** ({100 * form['headroom']:+.1f})",
                  "目标:空间 ≥ 15 个百分点" if z else "aim: headroom ≥ 15 points", t("sft")),
