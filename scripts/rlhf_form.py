@@ -7,7 +7,8 @@ whether a margin is robust (issue 21 asks for 3):
     .venv/bin/python scripts/rlhf_form.py --init runs/demo/sft --out runs/form_s1 --seed 1
 
 Each step writes its own folder under --out and is skipped when complete; --out/eval.json has the numbers
-and --out/overoptimisation.png the proxy and gold scores against √KL. `--ppo` overrides configs/form-ppo.toml (both iterations).
+and --out/overoptimisation.png the proxy and gold scores against √KL. `--ppo` overrides
+configs/form-ppo.toml (both iterations).
 """
 
 from __future__ import annotations
