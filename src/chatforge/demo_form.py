@@ -210,7 +210,7 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
                                             form / "heldout_pairs" / "pairs.jsonl", form / "rm_iter2",
                                             resume=resume))
     runners = {  # PPO's iteration 2 goes on from iteration 1's policy (new prompts: another seed), KL still to SFT
-        "ppo": lambda resume: run_ppo(cfg("form-ppo.toml", ppo, seed + 1), form / "ppo_iter1",
+        "ppo": lambda resume: run_ppo(cfg("form-ppo-iter2.toml", ppo, seed + 1), form / "ppo_iter1",
                                       tasks / "rl_prompts.jsonl", form / "ppo", form / "rm_iter2",
                                       tasks / "held.jsonl", resume, reference_run=form / "sft"),
         "grpo": lambda resume: run_grpo(cfg("form-grpo.toml"),
