@@ -11,7 +11,7 @@ import pytest
 
 from chatforge.errors import ChatforgeError
 from chatforge.report.build import build_report
-from chatforge.report.tables import results_table, update_readme
+from chatforge.report.tables import model_table, results_table, update_readme
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -269,6 +269,12 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
     first = _md_row(md, "PPO, iteration 1 (first reward model)", "## Alignment")
     assert first[1:8] == ["25.0%", "50.0%", "12.5%", "-6.2", "—", "—", "2.50"]
     assert "held-out accuracy 95.0%" in section
+    # the per-model table: the aligned models are form/'s, not verse stages that are "not run yet"
+    models = {"base": {"bpb": 2.1}, "sft": {"bpb": 3.4}}
+    _, rows = model_table({"stages": {"pretrain": {}, "sft": {}}, "form": {"sft": {}}}, models)
+    assert [r[0] for r in rows] == ["base", "sft"]
+    _, rows = model_table({"stages": {"pretrain": {}, "sft": {}}}, models)
+    assert rows[2][1] == "not run yet (no ppo/ folder)"
     table = results_table(run)
     assert "31.2% / **58.8%** (+27.5)" in table and "**93.2%**; 90.1%" in table
     assert "**43.8%** (+12.5) (50.0% / 12.5%); sampled **37.5%** (+12.5); KL 4.56" in table
