@@ -202,13 +202,15 @@ def run_form(init: str | Path, replay: str | Path, form: str | Path, methods: tu
         run_stage("form-pairs-iter2", form / "pairs_iter2", ["pairs.jsonl"], lambda _: run_pairs(
             form / "ppo_iter1", tasks / "refresh_prompts.jsonl", GOLD, form / "pairs_iter2" / "pairs.jsonl",
             group_size=8, per_group=4, seed=seed + 2))
-        both = form / "pairs_iter2" / "both_iterations.jsonl"  # the first comparisons and the new ones
-        both.write_text((form / "pairs" / "pairs.jsonl").read_text(encoding="utf-8")
-                        + (form / "pairs_iter2" / "pairs.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
-        run_stage("form-rm-iter2", form / "rm_iter2", ["reward.safetensors", "eval.json"],
-                  lambda resume: run_reward(cfg("form-rm-iter2.toml"), form / "rm", both,
-                                            form / "heldout_pairs" / "pairs.jsonl", form / "rm_iter2",
-                                            resume=resume))
+
+        def refresh_reward_model(resume: str | None) -> None:
+            both = form / "pairs_iter2" / "both_iterations.jsonl"  # the first comparisons and the new ones
+            both.write_text((form / "pairs" / "pairs.jsonl").read_text(encoding="utf-8")
+                            + (form / "pairs_iter2" / "pairs.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+            run_reward(cfg("form-rm-iter2.toml"), form / "rm", both, form / "heldout_pairs" / "pairs.jsonl",
+                       form / "rm_iter2", resume=resume)
+
+        run_stage("form-rm-iter2", form / "rm_iter2", ["reward.safetensors", "eval.json"], refresh_reward_model)
     runners = {  # PPO's iteration 2 goes on from iteration 1's policy (new prompts: another seed), KL still to SFT
         "ppo": lambda resume: run_ppo(cfg("form-ppo-iter2.toml", ppo, seed + 1), form / "ppo_iter1",
                                       tasks / "rl_prompts.jsonl", form / "ppo", form / "rm_iter2",
