@@ -255,6 +255,7 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
         "seed": 1, "held_out_prompts": 300, "headroom": 0.275, "rm_auc": 0.9321, "rm_accuracy": 0.9012,
         "sft": {"greedy": 0.3125, "pass_at_8": 0.5875, "sample_success": 0.25, **lang},
         "ppo_iter1": {"greedy": 0.25, "gain": -0.0625, "kl": 2.5, **lang}, "rm_iter2_accuracy": 0.95,
+        "rm_iter2_auc": 0.9743,
         "ppo": {"greedy": 0.4375, "gain": 0.125, "kl": 4.56, "rounds": rounds, "sample_success": 0.375,
                 "sample_gain": 0.125, **lang},
         "dpo": {"greedy": 0.25, "gain": -0.0625, **lang},
@@ -268,7 +269,7 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
     assert second[1:8] == ["43.8%", "50.0%", "12.5%", "+12.5", "37.5%", "+12.5", "4.56"]
     first = _md_row(md, "PPO, iteration 1 (first reward model)", "## Alignment")
     assert first[1:8] == ["25.0%", "50.0%", "12.5%", "-6.2", "—", "—", "2.50"]
-    assert "held-out accuracy 95.0%" in section
+    assert "held-out accuracy 95.0%; AUC on the same SFT samples 97.4%" in section
     # the per-model table: the aligned models are form/'s, not verse stages that are "not run yet"
     models = {"base": {"bpb": 2.1}, "sft": {"bpb": 3.4}}
     _, rows = model_table({"stages": {"pretrain": {}, "sft": {}}, "form": {"sft": {}}}, models)
@@ -276,7 +277,7 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
     _, rows = model_table({"stages": {"pretrain": {}, "sft": {}}}, models)
     assert rows[2][1] == "not run yet (no ppo/ folder)"
     table = results_table(run)
-    assert "31.2% / **58.8%** (+27.5)" in table and "**93.2%**; 90.1%" in table
+    assert "31.2% / **58.8%** (+27.5)" in table and "**93.2%**; 90.1%; refreshed **97.4%**" in table
     assert "**43.8%** (+12.5) (50.0% / 12.5%); sampled **37.5%** (+12.5); KL 4.56" in table
     assert "**25.0%** (-6.2)" in table and "; sampled 25.0%" in table  # SFT's samples, the baseline
     assert "GRPO against the judge" not in table  # not run: no row, and no "not run yet" for the verse stages

@@ -57,6 +57,7 @@ def test_value_loss_clips_and_kl_rewards_land_on_tokens():
     v, old, ret, mask = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([3.0]), torch.ones(1)
     # clipped value 1.2: max((2-3)², (1.2-3)²) = 3.24
     assert math.isclose(value_loss(v, old, ret, mask, clip=0.2).item(), 0.5 * 3.24, rel_tol=1e-6)
+    assert math.isclose(value_loss(v, old, ret, mask, clip=0.0).item(), 0.5 * 1.0, rel_tol=1e-6)  # unclipped
     logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0]])
     ref = torch.tensor([[-1.5, -2.0, -2.0, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])

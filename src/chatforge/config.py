@@ -78,7 +78,7 @@ class RLConfig:
     gamma: float = 1.0  # PPO: discount
     lam: float = 0.95  # PPO: GAE λ
     clip: float = 0.2  # ε of the clipped policy objective
-    value_clip: float = 0.2  # PPO: how far the value may move from its rollout value
+    value_clip: float = 0.2  # PPO: how far the value may move from its rollout value per round; 0: unclipped
     value_coef: float = 0.1  # PPO: weight of the value loss
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pre-training loss on data.dir's shards (0 = off)
     whiten_rewards: bool = False  # PPO: normalise scores within each round before the KL penalty

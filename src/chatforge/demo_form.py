@@ -67,18 +67,19 @@ def make_form_data(replay: Path, tasks: Path, demos: int = DEMOS, held_out: int 
     write_jsonl(tasks / "rl_prompts.jsonl", rl[rm_prompts + REFRESH_PROMPTS :])
 
 
-def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: int = 0) -> dict:
+def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: int = 0,
+            more_reward_models: dict | None = None) -> dict:
     """Greedy gold success (all, English, Chinese); with k > 0 also k samples at T = 1 of each prompt: the
     share of good samples (`sample_success`: the mean gold reward of the policy's samples, what Gao et al.
     plot and what PPO optimises), pass@8 when k ≥ 8, and with a reward model its AUC on them and their
-    scores and verdicts (for best-of-n)."""
+    scores and verdicts (for best-of-n); `more_reward_models` rank the same samples ("{name}_auc")."""
     model, tok = load_run_model(run), load_tokenizer(run)
     greedy = evaluate_task(model, tok, rows, max_new_tokens=40, checker=check)
     out = {"greedy": greedy["success"], "greedy_en": greedy["success_en"], "greedy_zh": greedy["success_zh"],
            "samples": greedy["samples"]}
     if k:
         sampled = pass_at_k(model, tok, rows, k=k, max_new_tokens=40, checker=check, reward_model=reward_model,
-                            seed=seed)
+                            seed=seed, more_reward_models=more_reward_models)
         if k >= 8:
             verdicts = sampled["verdicts"]
             sampled["pass_at_8"] = sum(any(verdicts[i : i + 8]) for i in range(0, len(rows) * k, k)) / len(rows)
@@ -99,7 +100,9 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
     from chatforge.stages.reward import load_reward_model
 
     rows, rm = read_jsonl(form / "tasks" / "held.jsonl"), load_reward_model(form / "rm").eval()
-    sft = measure(form / "sft", rows, rm, seed, k=16)
+    # the refreshed reward model, which PPO's iteration 2 climbs, judged on the same samples of the SFT model
+    refreshed = {"rm_iter2": load_reward_model(form / "rm_iter2").eval()} if "ppo" in methods else None
+    sft = measure(form / "sft", rows, rm, seed, k=16, more_reward_models=refreshed)
     bon = [{"n": n, "kl": math.log(n) - (n - 1) / n} for n in (1, 2, 4, 8, 16)]
     for b in bon:
         b["gold"], b["proxy"] = best_of_n(sft["scores"], sft["verdicts"], 16, b["n"])
@@ -109,6 +112,7 @@ def form_eval(form: Path, methods: tuple[str, ...], seed: int) -> dict:
          "rm_accuracy": json.loads((form / "rm" / "eval.json").read_text())["val_accuracy"]}
     if "ppo" in methods:
         r["rm_iter2_accuracy"] = json.loads((form / "rm_iter2" / "eval.json").read_text())["val_accuracy"]
+        r["rm_iter2_auc"] = sft.pop("rm_iter2_auc")
     for name in (["ppo_iter1"] if "ppo" in methods else []) + list(methods):
         m = measure(form / name, rows, seed=seed, k=SAMPLES)
         m = {k: v for k, v in m.items() if k not in ("verdicts", f"pass_at_{SAMPLES}")}
@@ -138,8 +142,9 @@ def form_results(form: dict, folder: str | Path) -> dict:
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
     r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8", "sample_success")}
     r["form_best_of_16"] = form["best_of_n"][-1]["gold"]
-    if "rm_iter2_accuracy" in form:
-        r["form_rm_iter2_accuracy"] = form["rm_iter2_accuracy"]
+    for key in ("rm_iter2_accuracy", "rm_iter2_auc"):
+        if key in form:
+            r[f"form_{key}"] = form[key]
     for name in (m for m in ("ppo_iter1", *METHODS) if m in form):
         r |= {f"form_{name}_{k}": form[name][k] for k in ("greedy", "greedy_en", "greedy_zh", "gain", "kl",
                                                             "sample_success", "sample_gain") if k in form[name]}

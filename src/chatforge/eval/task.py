@@ -68,14 +68,17 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
 @torch.no_grad()
 def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, temperature: float = 1.0,
               max_new_tokens: int = 48, seed: int = 0, checker: Callable[[dict, str], bool] = check,
-              reward_model: torch.nn.Module | None = None, batch_size: int = 32) -> dict:
+              reward_model: torch.nn.Module | None = None, batch_size: int = 32,
+              more_reward_models: dict[str, torch.nn.Module] | None = None) -> dict:
     """k sampled replies to each row: pass@k (the share of prompts with at least one success; above greedy
     success, there are good replies in the model's distribution for RL to make more likely), the share of
     successful samples, and with a reward model "rm_auc": `ranking_auc` of its scores of these samples
     against the checker's verdicts, which is how well it judges the policy's own replies. The samples'
-    "verdicts" (and with a reward model their "scores"), k per row in row order, are kept for `best_of_n`."""
+    "verdicts" (and with a reward model their "scores"), k per row in row order, are kept for `best_of_n`.
+    Each of `more_reward_models` ranks the same samples too: "{name}_auc"."""
     model.eval()
-    oks, scores, passed = [], [], 0
+    more = more_reward_models or {}
+    oks, scores, passed, more_scores = [], [], 0, {name: [] for name in more}
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens, group_size=k)
     for start in range(0, len(rows), batch_size):
         rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
@@ -85,10 +88,13 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
         oks += verdicts
         if reward_model is not None:
             scores += model_scores(reward_model, tok, rnd).tolist()
+        for name, rm in more.items():
+            more_scores[name] += model_scores(rm, tok, rnd).tolist()
     out = {f"pass_at_{k}": passed / max(1, len(rows)), "sample_success": sum(oks) / max(1, len(oks)),
            "verdicts": oks}
     if reward_model is not None:
         out.update(rm_auc=ranking_auc(scores, oks), scores=scores)
+    out |= {f"{name}_auc": ranking_auc(more_scores[name], oks) for name in more}
     return out
 
 

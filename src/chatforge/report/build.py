@@ -105,7 +105,8 @@ def _form_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
               f"above its bad ones with AUC {pc(form['rm_auc'])} (pairwise accuracy on held-out comparisons "
               f"{pc(form['rm_accuracy'])}). PPO runs as iterated RLHF: after its first iteration the judge "
               f"compares that policy's own samples, the reward model trains on them too (held-out accuracy "
-              f"{pc(form.get('rm_iter2_accuracy'))}), and the second iteration goes on against it."),
+              f"{pc(form.get('rm_iter2_accuracy'))}; AUC on the same SFT samples {pc(form.get('rm_iter2_auc'))}), "
+              "and the second iteration goes on against it."),
         ("table", ["model", "gold success (greedy)", "English", "Chinese", "gain over SFT (points)",
                    "gold success of samples at T = 1", "gain (points)", "KL to SFT (nats/reply)"], rows)]
     if "overoptimisation" in plots:

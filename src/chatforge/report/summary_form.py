@@ -10,7 +10,8 @@ WHAT = {
                   "pass@8 at T = 1 (headroom for RL)",
            "rm": "reward model fitted to the judge's comparisons of the SFT model's own samples (time: the "
                  "comparisons and the fit): AUC on its "
-                 "samples to held-out prompts (good vs bad); pairwise accuracy on held-out comparisons",
+                 "samples to held-out prompts (good vs bad); pairwise accuracy on held-out comparisons; "
+                 "after PPO's refresh, the refreshed reward model's AUC on the same samples",
            "ppo": "PPO against the reward model (never the judge), two iterations, the reward model refreshed "
                   "on the judge's comparisons of iteration 1's samples (time: both iterations and the refresh): "
                   "gold success, greedy (English / Chinese); sampled at T = 1; KL to SFT",
@@ -24,7 +25,7 @@ WHAT = {
                   "(留给 RL 的空间)",
            "rm": "在评判程序对 SFT 模型自身采样的比较上训练的奖励模型(时间含采样比较与训练):"
                  "对留出提示采样回复的 AUC(好 vs 坏);"
-                 "留出比较对的成对准确率",
+                 "留出比较对的成对准确率;PPO 更新后的奖励模型对同样采样的 AUC",
            "ppo": "PPO 对奖励模型优化(从不看评判程序),两轮迭代:第二轮前用评判程序对第一轮策略采样的比较"
                   "更新奖励模型(时间含两轮与更新):金标准成功率,贪心(英文 / 中文);T = 1 采样;对 SFT 的 KL",
            "ppo_iter1": "只看 PPO 第一轮(对最初的奖励模型):金标准成功率,贪心(英文 / 中文);T = 1 采样;对 SFT 的 KL",
@@ -62,10 +63,13 @@ def form_rows(info: dict, z: bool) -> list[dict]:
     base = f"SFT {pct(sft['greedy'])} ({pct(sft['greedy_en'])} / {pct(sft['greedy_zh'])})"
     if isinstance(sft.get("sample_success"), int | float):
         base += f"{sep}{'采样' if z else 'sampled'} {pct(sft['sample_success'])}"
+    rm = f"**{pct(form['rm_auc'])}**{sep}{pct(form['rm_accuracy'])}"
+    if isinstance(form.get("rm_iter2_auc"), int | float):
+        rm += f"{sep}{'更新后' if z else 'refreshed'} **{pct(form['rm_iter2_auc'])}**"
     rows = [_row("sft", w["sft"].format(n=form["held_out_prompts"], d=form.get("demos", 300)),
                  f"{pct(sft['greedy'])} / **{pct(sft['pass_at_8'])}** ({100 * form['headroom']:+.1f})",
                  "目标:空间 ≥ 15 个百分点" if z else "aim: headroom ≥ 15 points", t("sft")),
-            _row("rm", w["rm"], f"**{pct(form['rm_auc'])}**{sep}{pct(form['rm_accuracy'])}",
+            _row("rm", w["rm"], rm,
                  "随机 50%" if z else "chance 50%", t("pairs", "rm"))]
     steps = {"ppo": ("ppo_iter1", "pairs_iter2", "rm_iter2", "ppo"), "ppo_iter1": ("ppo_iter1",)}
     for name in ("ppo_iter1", "ppo", "grpo", "dpo"):

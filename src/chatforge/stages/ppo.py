@@ -67,9 +67,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float = 0.2) -> torch.Tensor:
-    """½ E[max((V − R)², (clip(V, V_old ± ε) − R)²)]: the value moves at most ε from the rollout's."""
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    """½ E[max((V − R)², (clip(V, V_old ± ε) − R)²)]: the value moves at most ε from the rollout's; with
+    ε = 0, ½ E[(V − R)²], unclipped."""
+    worst = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        worst = torch.maximum(worst, (clipped - returns) ** 2)
     return 0.5 * (worst * mask).sum() / mask.sum()
 
 
