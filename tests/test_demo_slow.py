@@ -28,13 +28,14 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     # The alignment part (issue 21, demo_form.py): verse in a form, 300 held-out prompts, judged by a program;
     # PPO as iterated RLHF (two iterations, the reward model refreshed between them). Measured on an AMD EPYC
     # Zen 4 (2026-12-02, docs/rlhf.md), seed 1337, from the demo's bf16 SFT model / from its fp32 one: headroom
-    # +20.3 / +37.0; reward-model AUC 94.2% / 74.3%; PPO's gold success of samples at T = 1 +12.4 / +11.0,
-    # greedy +5.0 / +12.3 (KL 8.4 / 4.8). The issue's aims (AUC ≥ 75%, PPO ≥ +10) are not met on every run,
-    # so these asserts sit below them (issue 21 stays open).
+    # +20.3 / +37.0; reward-model AUC 94.2% / 74.3% (refreshed: 95.0% / 95.5%); PPO's gold success of samples
+    # at T = 1 +22.8 / +16.6, greedy +9.3 / +21.3 (KL 10.1 / 10.2). Over six runs the issue's aims (AUC ≥ 75%,
+    # PPO ≥ +10) are not met on every one, so the asserts on the first reward model sit below them.
     assert r["form_headroom"] >= 0.15  # pass@8 − greedy of the form-SFT model
     assert r["form_rm_auc"] >= 0.70  # the reward model sees the SFT model's own samples
-    assert r["form_ppo_sample_gain"] >= 0.08  # PPO against it raises the gold score of its samples
-    assert r["form_ppo_gain"] > 0.0 and 0 <= r["form_ppo_kl"] < 10.0  # and of its greedy replies; KL bounded
+    assert r["form_rm_iter2_auc"] >= 0.75  # and the refreshed one sees them better (85–96% over six runs)
+    assert r["form_ppo_sample_gain"] >= 0.10  # PPO against it raises the gold score of its samples
+    assert r["form_ppo_gain"] > 0.0 and 0 <= r["form_ppo_kl"] < 13.0  # and of its greedy replies; KL bounded
     # reported on the same prompts (bf16): GRPO against the judge +16.3 greedy / +27.4 sampled, DPO +7.3 / +10.5
     assert r["form_grpo_gain"] >= 0.10 and r["form_dpo_gain"] >= -0.05
     # Evaluation (chatforge eval) and the report, on the same held-out splits.
