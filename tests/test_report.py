@@ -260,8 +260,14 @@ def test_the_alignment_part_has_its_rows_section_and_overoptimisation_plot(tmp_p
                 "sample_gain": 0.125, **lang},
         "dpo": {"greedy": 0.25, "gain": -0.0625, **lang},
         "best_of_n": [{"n": n, "kl": 0.1 * n, "gold": 0.3 + n / 100, "proxy": n / 10} for n in (1, 2, 4, 8, 16)]})
+    _write_json(run / "form" / "ppo" / "energy.json", {  # the alignment part's steps count in the energy total
+        "stage": "ppo", "seconds": 40.0, "device": "cpu", "watts": 20.0, "power_source": "tdp", "pue": 1.2,
+        "kwh": 0.5, "grid_g_per_kwh": 450.0, "co2_g": 225.0})
     page = build_report(run)
     md = (page.parent / "report.md").read_text(encoding="utf-8")
+    assert _md_row(md, "form/ppo", "## Energy")[1] == "40 s"
+    total = _md_row(md, "**total (measured stages)**", "## Energy")
+    assert total[5] == f"**{sum(ENERGY.values()) + 0.5:.3g}**"
     assert (page.parent / "overoptimisation.png").is_file()
     section = md[md.index("## Alignment: verse in a form"):]
     assert "headroom +27.5 points" in section and "AUC 93.2%" in section

@@ -16,8 +16,11 @@ from chatforge.errors import ChatforgeError
 
 STAGES = ("pretrain", "copy", "sft", "rm", "ppo", "dpo", "grpo", "classify")
 # Folders whose energy.json the report sums, in pipeline order ("data" is `chatforge prepare`'s folder).
-ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "ppo", "dpo", "grpo", "classify",
-                 "eval")
+# The demo's alignment part (demo_form.py) writes its steps under form/.
+FORM_STEPS = ("tasks", "sft", "pairs", "heldout_pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", "ppo", "grpo",
+              "dpo", "eval")
+ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "ppo", "dpo", "grpo",
+                 *(f"form/{step}" for step in FORM_STEPS), "classify", "eval")
 MODELS = ("base", "sft", "ppo", "dpo", "grpo")
 # Which stage folder makes each model; "base" is the pre-trained model.
 MODEL_STAGE = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
