@@ -1,5 +1,5 @@
 """The main job at full demo scale, with every alignment method, then a second run that only evaluates:
-`make test-slow` (about 24 minutes on 2 AVX-512 cores, 40 on 2 AVX2 cores)."""
+`make test-slow` (18 to 24 minutes on 2 AVX-512 cores, about 40 on 2 AVX2 cores)."""
 
 import json
 
