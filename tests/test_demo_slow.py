@@ -6,6 +6,7 @@ import json
 import pytest
 
 from chatforge.demo import run_demo
+from chatforge.report.load import FORM_STEPS
 
 
 @pytest.mark.slow
@@ -46,9 +47,7 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["sft_toxic_rate"] == 0.0
     demo = tmp_path / "demo"
     stages = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "classify", "eval")
-    form = ("tasks", "sft", "pairs", "heldout_pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", "ppo", "dpo",
-            "grpo", "eval")
-    for stage in [*stages, *(f"form/{s}" for s in form)]:
+    for stage in [*stages, *(f"form/{s}" for s in FORM_STEPS)]:
         energy = json.loads((demo / stage / "energy.json").read_text())
         assert energy["seconds"] > 0 and energy["co2_g"] == pytest.approx(energy["kwh"] * energy["grid_g_per_kwh"])
     html = (demo / "report" / "report.html").read_text(encoding="utf-8")

@@ -71,13 +71,15 @@ def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
     judge = load_run_model(sft_run[0])  # any scorer will do: the AUC is checked against its own definition
     from chatforge.stages.classify import Classifier
 
+    scorer = Classifier(judge, 1).eval()
     out = pass_at_k(load_run_model(sft_run[0]), tok, rows, k=4, max_new_tokens=16, checker=short,
-                    reward_model=Classifier(judge, 1).eval())
+                    reward_model=scorer, more_reward_models={"again": scorer})
     verdicts = out["verdicts"]
     assert len(verdicts) == len(out["scores"]) == 24
     assert out["pass_at_4"] == sum(any(verdicts[i : i + 4]) for i in range(0, 24, 4)) / 6
     assert out["sample_success"] == sum(verdicts) / 24 <= out["pass_at_4"]
     assert out["rm_auc"] == ranking_auc(out["scores"], verdicts)
+    assert out["again_auc"] == out["rm_auc"]  # a second reward model ranks the same samples
 
 
 def test_evaluate_task_reports_each_language_of_a_task_whose_kind_has_a_prefix(sft_run, tasks):

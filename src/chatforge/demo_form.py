@@ -138,6 +138,7 @@ def form_results(form: dict, folder: str | Path) -> dict:
     RL part (comparisons, reward models, both iterations of PPO, the other RL methods; not the held-out pairs)
     is `align_seconds`."""
     from chatforge.eval.energy import load_energy
+    from chatforge.report.load import FORM_STEPS
 
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
     r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8", "sample_success")}
@@ -150,7 +151,7 @@ def form_results(form: dict, folder: str | Path) -> dict:
                                                             "sample_success", "sample_gain") if k in form[name]}
     folder = Path(folder)
     rl_steps = ("pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", *METHODS)
-    for step in ("tasks", "sft", *rl_steps, "heldout_pairs", "eval"):
+    for step in FORM_STEPS:
         energy = load_energy(folder / step)
         if energy:
             r[f"form_{step}_seconds"] = round(energy["seconds"], 1)

@@ -77,8 +77,8 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
     "verdicts" (and with a reward model their "scores"), k per row in row order, are kept for `best_of_n`.
     Each of `more_reward_models` ranks the same samples too: "{name}_auc"."""
     model.eval()
-    more = more_reward_models or {}
-    oks, scores, passed, more_scores = [], [], 0, {name: [] for name in more}
+    judges = ({"rm": reward_model} if reward_model is not None else {}) | (more_reward_models or {})
+    oks, passed, scores = [], 0, {name: [] for name in judges}
     s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens, group_size=k)
     for start in range(0, len(rows), batch_size):
         rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
@@ -86,15 +86,13 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
                     for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
         passed += sum(any(verdicts[i : i + k]) for i in range(0, len(verdicts), k))
         oks += verdicts
-        if reward_model is not None:
-            scores += model_scores(reward_model, tok, rnd).tolist()
-        for name, rm in more.items():
-            more_scores[name] += model_scores(rm, tok, rnd).tolist()
+        for name, judge in judges.items():
+            scores[name] += model_scores(judge, tok, rnd).tolist()
     out = {f"pass_at_{k}": passed / max(1, len(rows)), "sample_success": sum(oks) / max(1, len(oks)),
            "verdicts": oks}
+    out |= {f"{name}_auc": ranking_auc(values, oks) for name, values in scores.items()}
     if reward_model is not None:
-        out.update(rm_auc=ranking_auc(scores, oks), scores=scores)
-    out |= {f"{name}_auc": ranking_auc(more_scores[name], oks) for name in more}
+        out["scores"] = scores["rm"]
     return out
 
 
