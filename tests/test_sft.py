@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from chatforge.chat import chat_loop
+from chatforge.errors import ChatforgeError
 from chatforge.eval.task import evaluate_task, load_prompts
 from chatforge.model.generate import Sampling
 from chatforge.model.io import load_run_model
 from chatforge.model.lora import LoRAConfig, apply_lora, merge_lora
-from chatforge.stages.classify import predict, run_classify
+from chatforge.stages.classify import confusion, load_classifier, load_labelled, predict, run_classify
 from chatforge.stages.sft import run_sft
 from chatforge.tasks.verse import check, corpus_lines
 from chatforge.tokenizer import load_tokenizer
@@ -115,6 +116,24 @@ def test_classifier_beats_the_majority_class_on_held_out_lines(pretrained, tasks
     assert sum(map(sum, result["confusion"])) == len((tasks / "classify_val.jsonl").read_text().splitlines())
     (label, p), = predict(out, ["床前明月光"])
     assert label == "poem" and 0 < p <= 1
+
+
+def test_a_lora_classifier_loads_back_as_trained_and_a_finished_run_is_never_overwritten(pretrained, tasks,
+                                                                                         tmp_path):
+    """A classifier trained with adapters loads back with them (it once failed: the loader ignored LoRA) and
+    predicts the held-out lines exactly as at the end of training; training again into its folder without
+    --resume stops, as every stage does (the shared loop's guard)."""
+    cfg = learning_config(REPO / "configs" / "demo-classify.toml", ["train.steps=3", "train.eval_every=1000",
+                                                                    "lora.r=4", "train.freeze=head"])
+    out = tmp_path / "cls_lora"
+    result = run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
+    model, labels = load_classifier(out)
+    assert any("lora" in name for name, _ in model.named_parameters())
+    texts, ys = load_labelled(tasks / "classify_val.jsonl", labels)
+    accuracy, matrix = confusion(model, load_tokenizer(out), texts, ys, labels, model.body.cfg.context, "cpu")
+    assert (accuracy, matrix) == (result["val_accuracy"], result["confusion"])
+    with pytest.raises(ChatforgeError, match="already here"):
+        run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
 
 
 def test_chat_repl_commands_and_multi_turn(sft_run):

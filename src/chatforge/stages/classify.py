@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from safetensors.torch import save_model
 from torch import nn
 
-from chatforge.config import Config, config_to_dict
+from chatforge.config import Config, LoRAConfig, config_to_dict
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, load_weights, read_model_config
 from chatforge.model.lora import apply_lora
-from chatforge.model.transformer import Transformer
+from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.distributed import is_main
@@ -125,7 +125,8 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     model.cpu()
     if is_main():  # under torchrun, rank 0 writes the run folder
         save_model(model, str(out / "classifier.safetensors"))
-        meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve())}
+        meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve()),
+                "lora": config_to_dict(cfg.lora) if cfg.lora.r > 0 else None}
         (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
         copy_tokenizer(init, out)
     summary = {"val_accuracy": accuracy, "majority_baseline": majority, "labels": labels, "confusion": matrix}
@@ -140,7 +141,10 @@ def load_classifier(run: str | Path) -> tuple[Classifier, list[str]]:
     if not path.is_file():
         raise ChatforgeError(f"{path}: not a classifier run; train one with `chatforge classify`")
     meta = json.loads(path.read_text())
-    body = Transformer(read_model_config(Path(meta["base"])))
+    # the shape it was trained with (older runs kept only their base run's), and its adapters if it had them
+    body = Transformer(ModelConfig(**meta["model"]) if "model" in meta else read_model_config(Path(meta["base"])))
+    if meta.get("lora"):
+        apply_lora(body, LoRAConfig(**meta["lora"]))
     model = Classifier(body, len(meta["labels"]))
     load_weights(model, run / "classifier.safetensors")
     return model.eval(), meta["labels"]

@@ -58,7 +58,7 @@ def run_grpo(cfg: Config, init: str | Path, prompts: str | Path, out: str | Path
     if rl.group_size < 2:
         raise ChatforgeError(f"rl.group_size must be at least 2 for GRPO (the group is the baseline), "
                              f"got {rl.group_size}")
-    run = RLRun(cfg, init, prompts, reward_run, val, "grpo", out, resume)
+    run = RLRun(cfg, init, prompts, reward_run, val, "grpo")
 
     def prepare(rnd: Round) -> dict:
         rnd.advantages = group_advantages(rnd.scores, rl.group_size)[:, None] * rnd.mask

@@ -117,7 +117,7 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
     """PPO from `policy_run` against `reward_run` (or rl.reward), with the KL to `reference_run` (by
     default the starting model)."""
     out, rl = Path(out), cfg.rl
-    run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", out, resume, reference_run)
+    run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", reference_run)
     # InstructGPT starts the critic from the reward model; with a reward function, from the policy
     critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
     model = ActorCritic(run.policy, critic.to(run.device))

@@ -51,8 +51,6 @@ def run_pretrain(cfg: Config, out: str | Path, resume: str | None = None) -> dic
     elif cfg.model.vocab_size != meta["vocab_size"]:
         raise ChatforgeError(f"model.vocab_size={cfg.model.vocab_size} but the data in {data_dir} was tokenized "
                              f"with {meta['vocab_size']} ids; set model.vocab_size=0 to use the data's")
-    if resume is None and (out / "checkpoints").exists():
-        raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
     torch.manual_seed(cfg.train.seed)  # the same seed, the same initial weights
     model = Transformer(cfg.model)
     sampler = WindowSampler(open_tokens(data_dir, "train"), cfg.model.context, cfg.train.batch_size, cfg.train.seed)

@@ -226,11 +226,8 @@ class RLRun:
     to the shared training loop one minibatch at a time."""
 
     def __init__(self, cfg: Config, init: str | Path, prompts: str | Path, reward_run: str | Path | None,
-                 val: str | Path | None, name: str, out: Path, resume: str | None = None,
-                 reference: str | Path | None = None):
+                 val: str | Path | None, name: str, reference: str | Path | None = None):
         self.cfg, self.rl, self.init, self.name = cfg, cfg.rl, init, name
-        if resume is None and (out / "checkpoints").exists():
-            raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
         if not reward_run and not self.rl.reward:
             raise ChatforgeError(f"{name} needs a reward: --reward RUN (a reward model) or module:function")
         self.tok = load_tokenizer(init)

@@ -47,8 +47,6 @@ def save_trained(model: torch.nn.Module, cfg: Config, init: str | Path, out: Pat
 def run_sft(cfg: Config, init: str | Path, data: str | Path, out: str | Path, val: str | Path | None = None,
             resume: str | None = None) -> dict:
     out = Path(out)
-    if resume is None and (out / "checkpoints").exists():
-        raise ChatforgeError(f"{out}: a run is already here; continue it with --resume or choose another --out")
     tok = load_tokenizer(init)
     torch.manual_seed(cfg.train.seed)
     model = load_run_model(init)

@@ -104,6 +104,8 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
     """Train `model` on `stage` for cfg.steps optimizer steps; returns the last evaluation's numbers.
     Under torchrun with train.parallel=ddp|fsdp every rank runs this; rank 0 logs and writes files."""
     run_dir = Path(run_dir)
+    if resume is None and (run_dir / "checkpoints").exists():  # every stage: never overwrite a run
+        raise ChatforgeError(f"{run_dir}: a run is already here; continue it with --resume or choose another --out")
     device = pick_device(cfg.device)
     dist.setup(cfg.parallel, device)
     device = dist.local_device(device)
