@@ -194,10 +194,3 @@ def harms_probe(model: torch.nn.Module, tok: Tokenizer, prompts: list[dict], max
     result["samples"] = [{k: r[k] for k in ("prompt", "category", "reply", "toxic", "refused")} for r in picked]
     return result
 
-
-def probe_run(run: str | Path, prompts: str | Path | None = None, **kwargs) -> dict:
-    """harms_probe on the model and tokenizer of a run folder (e.g. runs/demo/sft)."""
-    from chatforge.model.io import load_run_model
-    from chatforge.tokenizer import load_tokenizer
-
-    return harms_probe(load_run_model(run), load_tokenizer(run), load_harm_prompts(prompts), **kwargs)
