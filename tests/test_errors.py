@@ -84,3 +84,18 @@ def test_classify_label_outside_the_training_labels(capsys, pretrained, tmp_path
                         "--out", str(tmp_path / "cls"))
     assert code == 2 and "val.jsonl:2: label 'z' is not one of the training labels" in err
     assert not (tmp_path / "cls").exists()
+
+
+
+def test_the_rl_commands_name_their_starting_model_init_and_keep_the_old_policy():
+    """One name for one thing (issue 22): --init, as for sft, rm, dpo and classify; ppo and pairs still
+    accept their old --policy."""
+    from chatforge.cli import build_parser
+
+    parser = build_parser()
+    required = {"ppo": ["--reward", "r", "--prompts", "p"], "grpo": ["--prompts", "p"],
+                "pairs": ["--prompts", "p", "--reward", "r", "--out", "o"]}
+    for command, rest in required.items():
+        assert parser.parse_args([command, "--init", "runs/x", *rest]).init == "runs/x"
+    for command in ("ppo", "pairs"):
+        assert parser.parse_args([command, "--policy", "runs/y", *required[command]]).init == "runs/y"

@@ -144,7 +144,7 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 def cmd_pairs(args: argparse.Namespace) -> None:
     from chatforge.stages.pairs import run_pairs
 
-    result = run_pairs(args.policy, args.prompts, args.reward, args.out, args.group, args.temperature,
+    result = run_pairs(args.init, args.prompts, args.reward, args.out, args.group, args.temperature,
                        args.max_new_tokens, args.limit, args.seed, args.per_group)
     print(f"pairs: {result['pairs']:,} pairs from {result['prompts']:,} prompts -> {args.out}")
 
@@ -165,15 +165,14 @@ def cmd_rl(args: argparse.Namespace) -> None:
     if args.command == "ppo":
         from chatforge.stages.ppo import run_ppo
 
-        result = run_ppo(cfg, args.policy, args.prompts, args.out, reward_run, args.val, resume_point(args),
+        result = run_ppo(cfg, args.init, args.prompts, args.out, reward_run, args.val, resume_point(args),
                          args.reference)
     else:
         from chatforge.stages.grpo import run_grpo
 
         result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val, resume_point(args))
     if args.task_prompts:
-        start = args.policy if args.command == "ppo" else args.init
-        score_on_task(args.command, args.task_prompts, {"start": start, args.command: args.out})
+        score_on_task(args.command, args.task_prompts, {"start": args.init, args.command: args.out})
     numbers = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float))
     print(f"{args.command}: {numbers or 'done'}, {time.perf_counter() - t:.0f}s -> {args.out}")
 
@@ -311,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample --group replies to each prompt, score them with --reward, and write the "
                        "best and the worst as {\"prompt\", \"chosen\", \"rejected\"} when they differ (or up to "
                        "--per-group pairs of a better and a worse reply).")
-    p.add_argument("--policy", required=True, help="run folder of the policy to sample (the SFT model)")
+    p.add_argument("--init", "--policy", dest="init", required=True,
+                   help="run folder of the policy to sample (the SFT model); --policy is the old name")
     p.add_argument("--prompts", required=True, help="prompt rows {\"prompt\", ...}, .jsonl")
     p.add_argument("--reward", required=True, help="a module:function (the labeller) or a reward-model run folder")
     p.add_argument("--out", required=True, help="the pairs file to write, .jsonl")
@@ -327,21 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl_help = ("rl.prompts_per_rollout, rl.group_size, rl.epochs (minibatch: train.batch_size replies), "
                "rl.kl_coef, rl.kl_target (adaptive), rl.no_end_penalty, rl.max_new_tokens, rl.temperature")
-    for name, start, what in (("ppo", "--policy", "PPO with a KL penalty to the starting model (InstructGPT)"),
-                              ("grpo", "--init", "GRPO: G replies per prompt, advantages within the group")):
+    for name, what in (("ppo", "PPO with a KL penalty to the starting model (InstructGPT)"),
+                       ("grpo", "GRPO: G replies per prompt, advantages within the group")):
         p = sub.add_parser(name, help=what, description=f"{what}. Prompt rows {{\"prompt\", ...}}; the other "
                            f"fields go to a reward function. Settings: {rl_help}; ppo also rl.gamma, rl.lam, "
                            "rl.value_coef, rl.ptx_coef.")
-        p.add_argument(start, dest="policy" if name == "ppo" else "init", required=True,
+        p.add_argument("--init", *(["--policy"] if name == "ppo" else []), dest="init", required=True,
                        help="run folder of the policy to start from (the SFT model); also the frozen reference"
-                       + (" unless --reference" if name == "ppo" else ""))
+                       + (" unless --reference (--policy is the old name of --init)" if name == "ppo" else ""))
         p.add_argument("--reward", required=name == "ppo",
                        help="a reward-model run folder (chatforge rm), or module:function(prompt, response, **row)"
                        " -> float, e.g. chatforge.tasks.verse:reward")
         p.add_argument("--prompts", required=True, help="training prompts, .jsonl")
         if name == "ppo":
-            p.add_argument("--reference", help="the frozen reference of the KL penalty, if not --policy: the SFT "
-                                               "model, when --policy is an earlier PPO run (iterated RLHF)")
+            p.add_argument("--reference", help="the frozen reference of the KL penalty, if not --init: the SFT "
+                                               "model, when --init is an earlier PPO run (iterated RLHF)")
         p.add_argument("--val", help="held-out prompts, .jsonl: mean reward and KL to the reference while training")
         p.add_argument("--task-prompts", help="held-out demo-task prompts: constraint success before and after")
         add_run_flags(p, f"configs/demo-{name}.toml", f"runs/default/{name}")

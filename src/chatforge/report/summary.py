@@ -24,7 +24,7 @@ COMMANDS = {"tokenizer": "chatforge tokenizer --data CORPUS --out RUN/tokenizer"
             "copy": "chatforge sft --init RUN/pretrain --data RUN/tasks/copy_train.jsonl --out RUN/copy",
             "sft": "chatforge sft --init RUN/copy --data RUN/tasks/sft_replay.jsonl --out RUN/sft",
             "rm": "chatforge rm --init RUN/sft --data ... --val ... --out RUN/rm",
-            "ppo": "chatforge ppo --policy RUN/sft --reward RUN/rm --prompts ... --out RUN/ppo",
+            "ppo": "chatforge ppo --init RUN/sft --reward RUN/rm --prompts ... --out RUN/ppo",
             "grpo": "chatforge grpo --init RUN/sft --reward ... --prompts ... --out RUN/grpo",
             "dpo": "chatforge dpo --init RUN/sft --data ... --val ... --out RUN/dpo",
             "classify": "chatforge classify --init RUN/pretrain --data ... --val ... --out RUN/classify",
