@@ -19,7 +19,7 @@ from chatforge.config import Config, LoRAConfig, config_to_dict
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
-from chatforge.model.io import load_run_model, load_weights, read_model_config
+from chatforge.model.io import load_run_model, load_weights
 from chatforge.model.lora import apply_lora
 from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer
@@ -135,19 +135,24 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     return summary
 
 
+def load_trained_classifier(meta: dict, n_outputs: int, weights: Path) -> Classifier:
+    """A saved classifier or reward model: the body in the shape it was trained with ("model" of its json),
+    with its LoRA adapters when it had them ("lora"), the head, and the weights. Eval mode."""
+    body = Transformer(ModelConfig(**meta["model"]))
+    if meta.get("lora"):
+        apply_lora(body, LoRAConfig(**meta["lora"]))
+    model = Classifier(body, n_outputs)
+    load_weights(model, weights)
+    return model.eval()
+
+
 def load_classifier(run: str | Path) -> tuple[Classifier, list[str]]:
     run = Path(run)
     path = run / "classifier.json"
     if not path.is_file():
         raise ChatforgeError(f"{path}: not a classifier run; train one with `chatforge classify`")
     meta = json.loads(path.read_text())
-    # the shape it was trained with (older runs kept only their base run's), and its adapters if it had them
-    body = Transformer(ModelConfig(**meta["model"]) if "model" in meta else read_model_config(Path(meta["base"])))
-    if meta.get("lora"):
-        apply_lora(body, LoRAConfig(**meta["lora"]))
-    model = Classifier(body, len(meta["labels"]))
-    load_weights(model, run / "classifier.safetensors")
-    return model.eval(), meta["labels"]
+    return load_trained_classifier(meta, len(meta["labels"]), run / "classifier.safetensors"), meta["labels"]
 
 
 def predict(run: str | Path, texts: list[str]) -> list[tuple[str, float]]:

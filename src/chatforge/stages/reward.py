@@ -20,10 +20,9 @@ from chatforge.config import Config, config_to_dict
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id, tokenize_conversation
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
-from chatforge.model.io import load_run_model, load_weights
-from chatforge.model.lora import LoRAConfig, apply_lora
-from chatforge.model.transformer import ModelConfig, Transformer
-from chatforge.stages.classify import Classifier
+from chatforge.model.io import load_run_model
+from chatforge.model.lora import apply_lora
+from chatforge.stages.classify import Classifier, load_trained_classifier
 from chatforge.tokenizer import copy_tokenizer, load_tokenizer
 from chatforge.train.device import pick_device
 from chatforge.train.distributed import is_main
@@ -128,13 +127,7 @@ def load_reward_model(run: str | Path) -> Classifier:
     path = run / "reward.json"
     if not path.is_file():
         raise ChatforgeError(f"{path}: not a reward-model run; train one with `chatforge rm`")
-    meta = json.loads(path.read_text())
-    body = Transformer(ModelConfig(**meta["model"]))
-    if meta.get("lora"):
-        apply_lora(body, LoRAConfig(**meta["lora"]))
-    model = Classifier(body, 1)
-    load_weights(model, run / "reward.safetensors")
-    return model.eval()
+    return load_trained_classifier(json.loads(path.read_text()), 1, run / "reward.safetensors")
 
 
 @torch.no_grad()
