@@ -168,8 +168,10 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.use_rope = cfg.style == "llama"
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | StaticKVCache | None,
+                mask: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+        """`past`: how many positions the cache held before this call (Transformer.forward reads it once,
+        before layer 0 writes); a StaticKVCache always comes with its `mask`."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -179,9 +181,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
         if cache is not None:
-            past = 0 if cache.keys[self.layer] is None else cache.keys[self.layer].shape[2]
             k, v = cache.update(self.layer, k, v)
         causal = T > 1 and mask is None
         if mask is None and past and T > 1:  # new tokens see every cached position and the earlier new ones
@@ -220,9 +220,9 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask))
+    def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | StaticKVCache | None,
+                mask: torch.Tensor | None = None, past: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, mask, past))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -296,7 +296,7 @@ class Transformer(nn.Module):
             rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache, mask)
+            x = block(x, rope, cache, mask, start)
         if static:
             cache.position += T  # after every layer has written its keys and values at the old position
         x = self.norm(x)

@@ -16,6 +16,7 @@ from torch import nn
 
 from chatforge.config import Config, RLConfig, config_to_dict
 from chatforge.data.shards import WindowSampler, open_tokens
+from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model
 from chatforge.stages.classify import Classifier
 from chatforge.stages.reward import load_reward_model
@@ -44,6 +45,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
         running = delta + gamma * lam * running
         advantages[:, t] = running
     return advantages, advantages + values
+
+
+def relative_to_group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each score less the mean of the other replies' scores to the same prompt (a leave-one-out baseline,
+    Kool et al., 2019), for scores laid out group after group: what stays is what the reward model learnt
+    from comparisons, how this reply differs from the others to its prompt, not how hard the prompt is."""
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -117,6 +127,8 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
     """PPO from `policy_run` against `reward_run` (or rl.reward), with the KL to `reference_run` (by
     default the starting model)."""
     out, rl = Path(out), cfg.rl
+    if rl.relative_to_group and rl.group_size < 2:
+        raise ChatforgeError(f"rl.relative_to_group needs rl.group_size of at least 2, got {rl.group_size}")
     run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", reference_run)
     # InstructGPT starts the critic from the reward model; with a reward function, from the policy
     critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
@@ -128,6 +140,8 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
         rnd.values = model.values(rnd.sequences) * rnd.mask
         model.train()
         scores = rnd.scores
+        if rl.relative_to_group:
+            scores = relative_to_group(scores, rl.group_size)
         if rl.whiten_rewards:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
         rewards = kl_penalised_rewards(scores, rnd.old_logp, rnd.ref_logp, run.kl.coef, rnd.mask)
