@@ -16,9 +16,7 @@ Then:
 Writes (gzip with mtime 0, so a rebuild from the same sources gives the same bytes):
   corpus.jsonl.gz  {"text", "source"} per document: a scene of a play (a sonnet, or ~80 lines of a long
                    poem), a chapter of the Bible (one verse a line, references removed), one Chinese poem
-  poems.jsonl      {"title", "author", "source", "text", "lines", "preface"} per Tang/Song poem
-  lines.jsonl.gz   {"text", "source"}: every distinct verse-like line (Shakespeare lines of 3-14 words,
-                   KJV verses of at most 30 words, Chinese half-lines of exactly 5 or 7 characters)
+Everything the demo needs is made from it (its tasks pick their lines out of the corpus themselves).
 """
 
 from __future__ import annotations
@@ -40,12 +38,7 @@ LICENCE_BLOCK = re.compile(r"<<[^>]*(ELECTRONIC VERSION|COPYRIGHT|GUTENBERG)[^>]
 BOILERPLATE = re.compile(r"project gutenberg|gutenberg\.org|\*{3}\s*(START|END) OF|electronic version|\x1b", re.I)
 HEADING = re.compile(r"^(ACT|Act)\s+([IVXLC]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b|^(SCENE|Scene)\s+([IVXLC]+|\d+)\b")
 NUMERAL = re.compile(r"^[IVXLC]+\.?$")  # a sonnet's number
-SPEAKER = re.compile(r"^[A-Z][A-Za-z'\- ]*\.$")  # "Ham." / "First Clown." on a line of its own
-DIRECTION = re.compile(r"^(Enter|Re-enter|Exit|Exeunt|Manet|Flourish|Alarum|Sennet)\b")
 VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")  # "1Sm3:10 And the LORD came, ..."
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002ffff]")
-ZH_SPLIT = re.compile(r"[，。！？；：、\s]+")
-ZH_SUBHEAD = re.compile(r"^其[一二三四五六七八九十]+$")  # "其一" above each poem of a set
 
 
 def clean(text: str) -> str:
@@ -89,24 +82,6 @@ def shakespeare_documents(folder: Path, chunk_lines: int = 80) -> Iterator[tuple
             yield clean("\n".join(doc)), kind
 
 
-def english_lines(text: str) -> Iterator[str]:
-    """Lines of verse from a scene or poem: 3-14 words, capitalised, not a speaker name, heading, stage
-    direction or a line of prose that runs on into the next line."""
-    rows = text.split("\n")
-    last = ""  # the last non-blank line before this one
-    for i, line in enumerate(rows):
-        words = line.split()
-        before, after = (rows[i - 1] if i else ""), (rows[i + 1] if i + 1 < len(rows) else "")
-        after_heading, last = bool(HEADING.match(last)), (line or last)
-        if not 3 <= len(words) <= 14 or not re.match(r"^['\"]?[A-Z]", line) or after_heading:
-            continue  # too short or long, lower case, or the place of a scene ("A room in the palace.")
-        if re.search(r"\d|\[|\]|\b[A-Z]{2,}\b|Exit|Exeunt", line) or HEADING.match(line) or DIRECTION.match(line):
-            continue  # a heading, a NAME in capitals, a stage direction or a damaged line ("he'11")
-        if after[:1].islower() or (not before and after and len(words) <= 4 and SPEAKER.match(line)):
-            continue  # prose that runs on into the next line, or a speaker's name ("First Clown.")
-        yield line
-
-
 def kjv_chapters(path: Path) -> Iterator[str]:
     """One chapter per document, one verse a line, the "Ge1:1" references removed."""
     chapter, verses = None, []
@@ -137,14 +112,9 @@ def fortune_records(path: Path) -> Iterator[str]:
             record.append(line)
 
 
-def half_lines(line: str) -> list[str]:
-    """A line of a Chinese poem split at its punctuation, each part reduced to its CJK characters."""
-    parts = ("".join(CJK.findall(part)) for part in ZH_SPLIT.split(line))
-    return [part for part in parts if part]
-
-
-def parse_poem(record: str, source: str) -> dict:
-    """《title》 / 作者：author / [preface, blank line] / poem. Song titles carry a 题目: prefix."""
+def parse_poem(record: str) -> str:
+    """《title》 / 作者：author / [preface, blank line] / poem, as one document. Song titles carry a 题目: prefix,
+    dropped."""
     record = record.replace(",", "，").replace(":", "：").replace(".", "。")  # stray ASCII punctuation
     title_line, author_line, *rest = record.split("\n")
     title_line = re.sub(r"^题目：", "", title_line)
@@ -153,44 +123,22 @@ def parse_poem(record: str, source: str) -> dict:
     if "序" in title_line and "" in rest:
         cut = rest.index("")
         preface, rest = rest[:cut], rest[cut + 1 :]
-    body = clean("\n".join(rest))
-    verse = [h for line in body.split("\n") if line and not ZH_SUBHEAD.match(line) for h in half_lines(line)]
     header = [title_line, "作者：" + author_full, *preface, *([""] if preface else [])]
-    return {
-        "title": title_line.replace("《", "", 1).replace("》", "", 1),
-        "author": re.sub(r"（.*）$", "", author_full).strip(),
-        "source": source,
-        "text": body,
-        "lines": verse,
-        "preface": "\n".join(preface),
-        "document": "\n".join(header + [body]),
-    }
+    return "\n".join(header + [clean("\n".join(rest))])
 
 
-def build(args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
-    """corpus rows, poems, verse lines"""
-    corpus: list[dict] = []
-    lines: dict[str, str] = {}  # text -> source, first seen wins; dicts keep insertion order
-    for text, kind in shakespeare_documents(Path(args.shakespeare_dir)):
-        corpus.append({"text": text, "source": "shakespeare"})
-        if kind != "front":
-            lines.update((line, "shakespeare") for line in english_lines(text) if line not in lines)
+def build(args: argparse.Namespace) -> list[dict]:
+    """The corpus rows: {"text", "source"}."""
+    corpus = [{"text": text, "source": "shakespeare"} for text, _ in shakespeare_documents(Path(args.shakespeare_dir))]
     if not Path(args.kjv).is_file():
         sys.exit(f"{args.kjv}: missing; make it with: bible -f 'gen1:1-rev22:21' > kjv.txt")
-    for text in kjv_chapters(Path(args.kjv)):
-        corpus.append({"text": text, "source": "kjv"})
-        lines.update((v, "kjv") for v in text.split("\n") if len(v.split()) <= 30 and v not in lines)
-    poems = []
+    corpus += [{"text": text, "source": "kjv"} for text in kjv_chapters(Path(args.kjv))]
     for source, path in (("tang", args.tang300), ("song", args.song100)):
-        for record in fortune_records(Path(path)):
-            poem = parse_poem(record, source)
-            corpus.append({"text": poem.pop("document"), "source": source})
-            poems.append(poem)
-            lines.update((h, source) for h in poem["lines"] if len(h) in (5, 7) and h not in lines)
+        corpus += [{"text": parse_poem(record), "source": source} for record in fortune_records(Path(path))]
     for row in corpus:
         if BOILERPLATE.search(row["text"]) or "\r" in row["text"] or not row["text"].strip():
             sys.exit(f"leftover boilerplate or control characters in a {row['source']} document: {row['text'][:200]!r}")
-    return corpus, poems, [{"text": t, "source": s} for t, s in lines.items()]
+    return corpus
 
 
 def jsonl(rows: Iterable[dict]) -> bytes:
@@ -208,16 +156,14 @@ def write(path: Path, payload: bytes) -> None:
     print(f"wrote {path} ({path.stat().st_size:,} bytes, sha256 {digest[:16]}…)")
 
 
-def summary(corpus: list[dict], poems: list[dict], lines: list[dict]) -> None:
-    print(f"{'source':12s} {'documents':>9s} {'characters':>11s} {'bytes':>11s} {'lines':>7s}")
+def summary(corpus: list[dict]) -> None:
+    print(f"{'source':12s} {'documents':>9s} {'characters':>11s} {'bytes':>11s}")
     for source in ("shakespeare", "kjv", "tang", "song"):
         docs = [r["text"] for r in corpus if r["source"] == source]
-        n_lines = sum(r["source"] == source for r in lines)
         size = sum(len(t.encode("utf-8")) for t in docs)
-        print(f"{source:12s} {len(docs):9,d} {sum(map(len, docs)):11,d} {size:11,d} {n_lines:7,d}")
+        print(f"{source:12s} {len(docs):9,d} {sum(map(len, docs)):11,d} {size:11,d}")
     total = sum(len(r["text"].encode("utf-8")) for r in corpus)
-    print(f"{'total':12s} {len(corpus):9,d} {sum(len(r['text']) for r in corpus):11,d} {total:11,d} {len(lines):7,d}")
-    print(f"poems: {len(poems)}, half-lines in them: {sum(len(p['lines']) for p in poems):,}")
+    print(f"{'total':12s} {len(corpus):9,d} {sum(len(r['text']) for r in corpus):11,d} {total:11,d}")
 
 
 def main() -> None:
@@ -229,13 +175,11 @@ def main() -> None:
     p.add_argument("--song100", default="/usr/share/games/fortunes/song100", help="from Debian fortunes-zh")
     p.add_argument("--out", default=str(OUT), help="output folder (default: data/demo)")
     args = p.parse_args()
-    corpus, poems, lines = build(args)
+    corpus = build(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write(out / "corpus.jsonl.gz", jsonl(corpus))
-    write(out / "poems.jsonl", jsonl(poems))
-    write(out / "lines.jsonl.gz", jsonl(lines))
-    summary(corpus, poems, lines)
+    summary(corpus)
 
 
 if __name__ == "__main__":

@@ -49,9 +49,24 @@ def test_quantized_model_agrees_with_fp32_on_held_out_text(pretrained, data_dir,
     assert same >= 12  # greedy decoding follows the same path for (at least) the first half
 
 
-def test_int8_from_the_command_line(pretrained, capsys):
+def test_int8_from_the_command_line(pretrained, capsys, monkeypatch):
+    """`generate --dtype int8` decodes with the int8 model: what it prints is the prompt and that model's
+    greedy continuation, token for token."""
+    from chatforge.model import generate
+    from chatforge.tokenizer import load_tokenizer
+
+    used = []
+    real_stream = generate.stream_text
+    spy = lambda model, *a, **k: used.append(model) or real_stream(model, *a, **k)  # noqa: E731
+    monkeypatch.setattr(generate, "stream_text", spy)
     main(["generate", "--run", str(pretrained[0]), "--prompt", "ROMEO:", "--temperature", "0",
           "--max-new-tokens", "8", "--dtype", "int8"])
-    assert capsys.readouterr().out.startswith("ROMEO:")
+    (model,) = used
+    assert any(isinstance(m, Int8Linear) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    int8 = quantize_int8(load_run_model(pretrained[0]))
+    expected = "".join(real_stream(int8, load_tokenizer(pretrained[0]), "ROMEO:", Sampling(temperature=0,
+                                                                                              max_new_tokens=8)))
+    assert expected and capsys.readouterr().out == "ROMEO:" + expected + "\n"
     with pytest.raises(ChatforgeError, match="must be one of fp32, bf16, int8"):
         for_inference(load_run_model(pretrained[0]), "int4")

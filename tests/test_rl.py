@@ -96,7 +96,7 @@ def test_a_ppo_step_lowers_its_own_surrogate_loss(sft_run, tasks):
     rnd = sample_round(policy, tok, rows, rl, seed=0)
     rnd.old_logp = batched_logprobs(policy, rnd.sequences)
     with torch.no_grad():
-        rnd.values = model.values(rnd.sequences) * rnd.mask
+        rnd.values = model.values(rnd.sequences, rnd.mask) * rnd.mask
     rewards = torch.randn(len(rnd))[:, None] * rnd.mask
     advantages, rnd.returns = gae(rewards, rnd.values, 1.0, 0.95)
     rnd.advantages = whiten(advantages, rnd.mask)

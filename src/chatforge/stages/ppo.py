@@ -99,12 +99,18 @@ class ActorCritic(nn.Module):
     """The policy and its critic, trained together by one optimizer. The critic is a reward model whose
     head reads every position: V(x≤t) estimates the return from token t on."""
 
-    def __init__(self, policy: nn.Module, critic: Classifier):
+    def __init__(self, policy: nn.Module, critic: Classifier, relative: bool = False):
         super().__init__()
-        self.policy, self.critic = policy, critic
+        self.policy, self.critic, self.relative = policy, critic, relative
 
-    def values(self, sequences: torch.Tensor) -> torch.Tensor:
-        return self.critic.head(self.critic.body(sequences[:, :-1], return_hidden=True)).squeeze(-1).float()
+    def values(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """V at every position (B, T−1). `relative`: less the value of the prompt alone (at the reply's first
+        token), for rewards relative to the other replies to the prompt, where what the critic must
+        predict is how this reply differs, and before the first token nothing does."""
+        values = self.critic.head(self.critic.body(sequences[:, :-1], return_hidden=True)).squeeze(-1).float()
+        if self.relative:
+            values = values - values.gather(1, mask.argmax(-1, keepdim=True))
+        return values
 
     def flops_per_token(self) -> float:
         return self.policy.flops_per_token() + self.critic.body.flops_per_token()
@@ -115,7 +121,7 @@ def ppo_loss(m: ActorCritic, rnd: Round, idx: torch.Tensor, rl: RLConfig) -> tup
     seqs, mask = rnd.sequences[idx], rnd.mask[idx]
     logp, entropy = token_logprobs(m.policy, seqs, with_entropy=True)
     pg, clip_fraction = policy_loss(logp, rnd.old_logp[idx], rnd.advantages[idx], mask, rl.clip)
-    vf = value_loss(m.values(seqs), rnd.values[idx], rnd.returns[idx], mask, rl.value_clip)
+    vf = value_loss(m.values(seqs, mask), rnd.values[idx], rnd.returns[idx], mask, rl.value_clip)
     stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "clip_fraction": clip_fraction.item(),
              "entropy": ((entropy * mask).sum() / mask.sum()).item()}
     return pg + rl.value_coef * vf, stats
@@ -132,12 +138,12 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
     run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", reference_run)
     # InstructGPT starts the critic from the reward model; with a reward function, from the policy
     critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
-    model = ActorCritic(run.policy, critic.to(run.device))
+    model = ActorCritic(run.policy, critic.to(run.device), relative=rl.relative_to_group)
 
     @torch.no_grad()
     def prepare(rnd: Round) -> dict:
         model.eval()
-        rnd.values = model.values(rnd.sequences) * rnd.mask
+        rnd.values = model.values(rnd.sequences, rnd.mask) * rnd.mask
         model.train()
         scores = rnd.scores
         if rl.relative_to_group:
