@@ -124,7 +124,7 @@ def test_a_lora_classifier_loads_back_as_trained_and_a_finished_run_is_never_ove
     predicts the held-out lines exactly as at the end of training; training again into its folder without
     --resume stops, as every stage does (the shared loop's guard)."""
     cfg = learning_config(REPO / "configs" / "demo-classify.toml", ["train.steps=3", "train.eval_every=1000",
-                                                                    "lora.r=4", "train.freeze=head"])
+                                                                    "lora.r=4", "classify.freeze=head"])
     out = tmp_path / "cls_lora"
     result = run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
     model, labels = load_classifier(out)

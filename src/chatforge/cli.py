@@ -126,7 +126,7 @@ def cmd_rm(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.reward import run_reward
 
-    result = run_reward(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out, args.margin,
+    result = run_reward(load_config(args.config, args.overrides), args.init, args.data, args.val, args.out,
                         resume_point(args))
     print(f"rm: held-out pairwise accuracy {result['val_accuracy']:.1%} on {result['val_pairs']} pairs -> {args.out}")
 
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("classify", help="train a classification head (or --predict with a trained one)",
-                       description="Rows {\"text\", \"label\"}; train.freeze=head|last_n|none.")
+                       description="Rows {\"text\", \"label\"}; classify.freeze=head|last_n|none.")
     p.add_argument("--init", help="run folder of the model to start from")
     p.add_argument("--data", help="training rows, .jsonl")
     p.add_argument("--val", help="held-out rows, .jsonl (accuracy and confusion matrix)")
@@ -286,12 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rm", help="train a reward model on preference pairs (or --score responses)",
                        description="Rows {\"prompt\", \"chosen\", \"rejected\"}: strings or message lists. "
-                       "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - margin).")
+                       "Bradley-Terry loss -log sigmoid(r_chosen - r_rejected - reward.margin).")
     p.add_argument("--init", help="run folder to start from (the SFT model, as in InstructGPT), or a reward-model "
                                   "run to train further on new comparisons (iterated RLHF)")
     p.add_argument("--data", help="training preference pairs, .jsonl")
     p.add_argument("--val", help="held-out preference pairs, .jsonl (pairwise accuracy)")
-    p.add_argument("--margin", type=float, default=0.0, help="margin in the Bradley-Terry loss (default 0)")
     p.add_argument("--run", help="with --score: the reward model's run folder")
     p.add_argument("--score", metavar="FILE", help="score {\"prompt\", \"response\"} rows with --run")
     add_run_flags(p, "configs/demo-rm.toml", "runs/default/rm")

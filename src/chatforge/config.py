@@ -46,8 +46,21 @@ class TrainConfig:
     max_bad_steps: int = 3  # steps with a non-finite loss or gradient skipped before the run stops
     parallel: str = "none"  # none | ddp | fsdp (under torchrun; batch_size is then the global micro-batch)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-    freeze: str = "none"  # classification: head (train only the head) | last_n (head + last n_train_layers) | none
+
+
+@dataclass
+class ClassifyConfig:
+    """A classification head (`chatforge classify`): which of the body's weights train with it."""
+
+    freeze: str = "none"  # head (train only the head) | last_n (head + last n_train_layers) | none
     n_train_layers: int = 1
+
+
+@dataclass
+class RewardConfig:
+    """The reward model's Bradley-Terry loss (`chatforge rm`)."""
+
+    margin: float = 0.0  # m in −log σ(r_chosen − r_rejected − m): how far apart a pair must score
 
 
 @dataclass
@@ -92,6 +105,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     rl: RLConfig = field(default_factory=RLConfig)
 

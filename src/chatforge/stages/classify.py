@@ -1,8 +1,8 @@
 """Classification: a linear head on the hidden state of the last real token (the causal model has read
 the whole text there), trained with cross-entropy: L = −log softmax(W h_last)[label].
 
-`train.freeze`: head (only the head trains), last_n (the head, the final norm and the last
-`train.n_train_layers` blocks), none (everything).
+`classify.freeze`: head (only the head trains), last_n (the head, the final norm and the last
+`classify.n_train_layers` blocks), none (everything).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Classifier(nn.Module):
 
 def freeze(model: Classifier, how: str, n_layers: int) -> None:
     if how not in ("head", "last_n", "none"):
-        raise ChatforgeError(f"train.freeze must be head, last_n or none, got '{how}'")
+        raise ChatforgeError(f"classify.freeze must be head, last_n or none, got '{how}'")
     for p in model.body.parameters():
         p.requires_grad_(how == "none")
     if how == "last_n":
@@ -97,7 +97,7 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     body = load_run_model(init)
     cfg.model = body.cfg
     model = Classifier(body, len(labels))
-    freeze(model, cfg.train.freeze, cfg.train.n_train_layers)
+    freeze(model, cfg.classify.freeze, cfg.classify.n_train_layers)
     if cfg.lora.r > 0:  # adapters on the body instead of unfreezing it; the head always trains
         apply_lora(body, cfg.lora)
     device = pick_device(cfg.train.device)

@@ -1,7 +1,7 @@
 """Reward model (InstructGPT step 2): a scalar head on the last token of prompt + response, trained on
 preference pairs with the Bradley-Terry loss (Ouyang et al., 2022, eq. 1):
 
-    L(θ) = −log σ(r_θ(x, y_chosen) − r_θ(x, y_rejected) − margin)
+    L(θ) = −log σ(r_θ(x, y_chosen) − r_θ(x, y_rejected) − m),   m = reward.margin (default 0)
 
 so the reward difference is the log-odds that a person prefers the chosen response.
 """
@@ -74,7 +74,7 @@ def score_pairs(model: Classifier, pairs: list, pad_token: int, device) -> tuple
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
-               margin: float = 0.0, resume: str | None = None) -> dict:
+               resume: str | None = None) -> dict:
     """A reward model from `init`: a language-model run (a new head on its last token, as InstructGPT starts
     from the SFT model), or a reward-model run, which is trained further (a later round of iterated RLHF)."""
     out = Path(out)
@@ -106,7 +106,8 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
         return wins / len(val_pairs)
 
     stage = Stage(name="rm", next_batch=lambda: [pairs[i] for i in sampler.next_indices()],
-                  loss=lambda m, batch: bradley_terry_loss(*score_pairs(m, batch, pad_token, device), margin),
+                  loss=lambda m, batch: bradley_terry_loss(*score_pairs(m, batch, pad_token, device),
+                                                        cfg.reward.margin),
                   tokens_per_batch=cfg.train.batch_size * 64, evaluate=lambda m: {"val_accuracy": accuracy(m)},
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
     result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
