@@ -6,7 +6,7 @@ import json
 import pytest
 
 from chatforge.demo import run_demo
-from chatforge.report.load import FORM_STEPS
+from chatforge.layout import DEMO_STEPS, FORM_STEPS
 
 
 @pytest.mark.slow
@@ -46,8 +46,7 @@ def test_demo_pipeline_numbers_on_held_out_data(tmp_path):
     assert r["base_rm_win_rate"] < 0.5  # the reward model prefers SFT's replies to the base model's (42% / 26%)
     assert r["sft_toxic_rate"] == 0.0
     demo = tmp_path / "demo"
-    stages = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "classify", "eval")
-    for stage in [*stages, *(f"form/{s}" for s in FORM_STEPS)]:
+    for stage in [*DEMO_STEPS, *(f"form/{s}" for s in FORM_STEPS)]:
         energy = json.loads((demo / stage / "energy.json").read_text())
         assert energy["seconds"] > 0 and energy["co2_g"] == pytest.approx(energy["kwh"] * energy["grid_g_per_kwh"])
     html = (demo / "report" / "report.html").read_text(encoding="utf-8")

@@ -8,7 +8,7 @@ import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model
-from chatforge.stages.dpo import dpo_loss, run_dpo, sequence_logprobs
+from chatforge.stages.dpo import dpo_loss, reply_logprobs, run_dpo
 from chatforge.tokenizer import load_tokenizer
 from conftest import learning_config
 
@@ -36,14 +36,14 @@ def test_dpo_ipo_cdpo_closed_forms():
         dpo_loss(pc, pr, rc, rr, beta, "hinge")
 
 
-def test_sequence_logprobs_sum_only_assistant_tokens(pretrained):
+def test_reply_logprobs_sum_only_assistant_tokens(pretrained):
     from chatforge.data.chat import pad_id, tokenize_conversation
 
     model, tok = load_run_model(pretrained[0]), load_tokenizer(pretrained[0])
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
     ids, mask = tokenize_conversation(tok, conv)
     with torch.no_grad():
-        got = sequence_logprobs(model, [(ids, mask)], pad_id(tok), "cpu")[0]
+        got = reply_logprobs(model, [(ids, mask)], pad_id(tok), "cpu")[0]
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]])), -1)[0]
     want = sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1) if mask[t + 1])
     assert math.isclose(got.item(), float(want), rel_tol=1e-5)
@@ -115,7 +115,7 @@ def test_the_nll_term_keeps_the_chosen_replies_likely(pretrained, tasks, tmp_pat
 
     def chosen_logp(run) -> float:
         with torch.no_grad():
-            return sequence_logprobs(load_run_model(run), [c for c, _ in val], pad_id(tok), "cpu").mean().item()
+            return reply_logprobs(load_run_model(run), [c for c, _ in val], pad_id(tok), "cpu").mean().item()
 
     results, logps = {}, {}
     for coef in (0.0, 1.0):

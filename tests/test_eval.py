@@ -179,7 +179,7 @@ def test_reward_model_win_rate_from_the_command_line(pretrained, sft_run, tasks,
     from safetensors.torch import save_model
 
     from chatforge.config import config_to_dict
-    from chatforge.stages.classify import Classifier
+    from chatforge.model.classifier import Classifier
 
     rm = tmp_path / "rm"
     rm.mkdir()
@@ -217,7 +217,7 @@ def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run,
     checker's verdicts on the same greedy replies. The tiny test model fails every prompt, so a stand-in
     checker (reply of even length) gives both verdicts; without a reward model there is no rm_auc."""
     import chatforge.eval.task as task
-    from chatforge.stages.classify import Classifier
+    from chatforge.model.classifier import Classifier
 
     def even_length(row, reply):
         return len(reply) % 2 == 0
@@ -228,7 +228,7 @@ def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run,
     rows = task.load_prompts(str(tasks / "prompts_heldout.jsonl"))[:48]
     e = task.evaluate_task(model, tok, rows, reward_model=scorer, max_new_tokens=48, checker=even_length)
     assert len(e["scores"]) == len(rows) and 0 < e["success"] < 1
-    rnd = task.sample_round(model, tok, rows, task.RLConfig(temperature=0.0, max_new_tokens=48), 0)  # greedy: the same
+    rnd = task.sample_round(model, tok, rows, task.Sampling(temperature=0.0, max_new_tokens=48), 0)  # greedy: the same
     oks = [bool(done) and even_length(r, t) for r, t, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
     assert [s["reply"] for s in e["samples"]] == rnd.texts[: len(e["samples"])] and sum(oks) / len(rows) == e["success"]
     assert e["rm_auc"] == task.ranking_auc(e["scores"].tolist(), oks) and 0.0 <= e["rm_auc"] <= 1.0

@@ -69,7 +69,7 @@ def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:6]
     short = lambda row, reply: len(reply.split()) <= 4  # noqa: E731
     judge = load_run_model(sft_run[0])  # any scorer will do: the AUC is checked against its own definition
-    from chatforge.stages.classify import Classifier
+    from chatforge.model.classifier import Classifier
 
     scorer = Classifier(judge, 1).eval()
     out = pass_at_k(load_run_model(sft_run[0]), tok, rows, k=4, max_new_tokens=16, checker=short,

@@ -4,7 +4,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from chatforge.config import load_config
-from chatforge.model.generate import Sampling, generate_ids
+from chatforge.model.generate import Sampling, generate_ids, sample_tokens
 from chatforge.model.transformer import KVCache, ModelConfig, StaticKVCache, Transformer
 from conftest import REPO
 
@@ -75,6 +75,28 @@ def test_greedy_generation_with_cache_equals_without():
         with_cache = list(generate_ids(model, [5, 17, 42], greedy, use_cache=True))
         without = list(generate_ids(model, [5, 17, 42], greedy, use_cache=False))
         assert len(with_cache) == 30 and with_cache == without, style
+
+
+def test_sample_tokens_draws_each_kept_token_in_proportion():
+    """Inverse-CDF sampling over an even grid of uniforms: each kept token's share is its probability
+    renormalised over what top-k / top-p keep, whether the nucleus fits the shortlist or needs a full sort."""
+    probs = torch.tensor([0.05, 0.5, 0.1, 0.2, 0.15])  # not in order: the sampler must rank them
+    n = 2000
+    logits = probs.log().expand(n, 5)
+    uniform = (torch.arange(n) + 0.5) / n
+
+    def shares(temperature=1.0, top_k=0, top_p=1.0, shortlist=256):
+        rows = lambda v, dtype: torch.full((n,), v, dtype=dtype)  # noqa: E731
+        tokens = sample_tokens(logits, rows(temperature, torch.float32), rows(top_k, torch.long),
+                               rows(top_p, torch.float32), uniform, shortlist)
+        return torch.bincount(tokens, minlength=5).float() / n
+
+    assert torch.allclose(shares(), probs, atol=1e-3)
+    nucleus = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.15]) / 0.85  # top-p 0.75: the smallest set holding 0.75
+    assert torch.allclose(shares(top_p=0.75), nucleus, atol=1e-3)
+    assert torch.allclose(shares(top_p=0.75, shortlist=2), nucleus, atol=1e-3)  # wider than the shortlist
+    assert torch.allclose(shares(top_k=2), torch.tensor([0.0, 0.5, 0.0, 0.2, 0.0]) / 0.7, atol=1e-3)
+    assert torch.equal(shares(temperature=0.0), torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

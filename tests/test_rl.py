@@ -72,7 +72,7 @@ def test_sampled_replies_stop_at_their_end_token_and_mask_only_reply_tokens(sft_
     tok = load_tokenizer(sft_run[0])
     policy = load_run_model(sft_run[0])
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:8]
-    rnd = sample_round(policy, tok, rows, RLConfig(group_size=2, max_new_tokens=24), seed=0)
+    rnd = sample_round(policy, tok, rows, Sampling(max_new_tokens=24, temperature=1.0), seed=0, group_size=2)
     assert len(rnd) == 16 and rnd.rows[0] is rnd.rows[1]
     reply_tokens = rnd.mask.sum(-1)
     assert (reply_tokens >= 1).all() and (reply_tokens <= 24).all()
@@ -88,15 +88,15 @@ def test_a_ppo_step_lowers_its_own_surrogate_loss(sft_run, tasks):
     tok = load_tokenizer(sft_run[0])
     torch.manual_seed(0)
     policy = load_run_model(sft_run[0]).train()
-    from chatforge.stages.classify import Classifier
+    from chatforge.model.classifier import Classifier
 
     model = ActorCritic(policy, Classifier(load_run_model(sft_run[0]), 1))
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:8]
     rl = RLConfig(max_new_tokens=16)
-    rnd = sample_round(policy, tok, rows, rl, seed=0)
+    rnd = sample_round(policy, tok, rows, Sampling(temperature=1.0, max_new_tokens=16), seed=0)
     rnd.old_logp = batched_logprobs(policy, rnd.sequences)
     with torch.no_grad():
-        rnd.values = model.values(rnd.sequences, rnd.mask) * rnd.mask
+        rnd.values = model.values(rnd.sequences) * rnd.mask
     rewards = torch.randn(len(rnd))[:, None] * rnd.mask
     advantages, rnd.returns = gae(rewards, rnd.values, 1.0, 0.95)
     rnd.advantages = whiten(advantages, rnd.mask)
@@ -135,7 +135,7 @@ def test_grpo_raises_the_held_out_reward_and_keeps_the_reference(sft_run, tasks,
     before_digest = file_digest(sft_run[0] / "model.safetensors")
     held = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)
     held = random.Random(0).sample(held, 64)
-    greedy = RLConfig(temperature=0.0, max_new_tokens=24)
+    greedy = Sampling(temperature=0.0, max_new_tokens=24)
 
     def held_out_reward(run) -> float:
         rnd = sample_round(load_run_model(run), tok, held, greedy, seed=0)
@@ -189,7 +189,7 @@ def test_ppo_against_a_learned_reward_model_raises_the_held_out_gold_score(sft_r
     rm = load_reward_model(reward_run)
 
     def held_out(run) -> tuple[float, float]:
-        rnd = sample_round(load_run_model(run), tok, held, RLConfig(temperature=0.0, max_new_tokens=24), seed=0)
+        rnd = sample_round(load_run_model(run), tok, held, Sampling(temperature=0.0, max_new_tokens=24), seed=0)
         return function_scores(short_reply, "short_reply", rnd).mean().item(), model_scores(rm, tok, rnd).mean().item()
 
     result = run_ppo(cfg, sft_run[0], tasks / "prompts_train.jsonl", tmp_path / "ppo", reward_run,
@@ -213,7 +213,7 @@ def test_iterated_rlhf_continues_the_reward_model_and_keeps_the_kl_to_the_first_
     from another model keeps its KL penalty to the reference it is given."""
     tok = load_tokenizer(sft_run[0])
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:16]
-    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, RLConfig(temperature=1.0, max_new_tokens=16), seed=0)
+    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, Sampling(temperature=1.0, max_new_tokens=16), seed=0)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": "Yes.", "rejected": t}) + "\n"
                              for r, t in zip(rnd.rows, rnd.texts, strict=True) if t.strip() and t != "Yes."))
@@ -232,7 +232,7 @@ def test_iterated_rlhf_continues_the_reward_model_and_keeps_the_kl_to_the_first_
 def test_bad_rewards_are_clear_errors(sft_run, tasks, tmp_path):
     tok = load_tokenizer(sft_run[0])
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:2]
-    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, RLConfig(max_new_tokens=8), seed=0)
+    rnd = sample_round(load_run_model(sft_run[0]), tok, rows, Sampling(temperature=1.0, max_new_tokens=8), seed=0)
     with pytest.raises(ChatforgeError, match="raised KeyError"):
         function_scores(broken_reward, "test_rl:broken_reward", rnd)
     with pytest.raises(ChatforgeError, match="finite number"):
@@ -263,7 +263,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused(sft_run, reward_run, t
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
-    from chatforge.config import Config, TrainConfig, config_to_dict
+    from chatforge.config import Config, TrainConfig
     from chatforge.train.loop import Stage, train
 
     torch.manual_seed(0)
@@ -277,10 +277,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
         value = m(batch, targets=batch)
         return value * float("nan") if calls["n"] in poisoned else value
 
-    stage = Stage(name="t", next_batch=lambda: x, loss=loss, tokens_per_batch=64)
+    stage = Stage(name="t", next_batch=lambda: x, loss=loss, tokens=lambda batch: batch.numel())
     cfg = TrainConfig(steps=5, max_bad_steps=2, checkpoint_every=1, log_every=1, eval_every=1000,
                       precision="fp32", warmup_steps=0)
-    train(model, stage, cfg, tmp_path / "a", config_to_dict(Config()))
+    train(model, stage, Config(train=cfg), tmp_path / "a")
     log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
     assert [r["step"] for r in log if "skipped" in r] == [2, 2]  # the same step, tried three times
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
@@ -288,7 +288,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 
     calls["n"], poisoned = 0, set(range(3, 100))
     with pytest.raises(ChatforgeError, match="max_bad_steps=2"):
-        train(model, stage, cfg, tmp_path / "b", config_to_dict(Config()))
+        train(model, stage, Config(train=cfg), tmp_path / "b")
     assert (tmp_path / "b" / "checkpoints" / "step_2").is_dir()  # the last good checkpoint is kept
 
 

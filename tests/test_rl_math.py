@@ -5,7 +5,13 @@ import math
 import torch
 
 from chatforge.stages.grpo import group_advantages, kl_k1, kl_k3
-from chatforge.stages.ppo import gae, kl_penalised_rewards, policy_loss, relative_to_group, value_loss, whiten
+from chatforge.stages.ppo import (
+    gae,
+    kl_penalised_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 
 
 def test_gae_on_a_known_sequence():
@@ -65,16 +71,6 @@ def test_value_loss_clips_and_kl_rewards_land_on_tokens():
     assert torch.allclose(r, torch.tensor([[-0.05, 0.0, 0.1 + 5.0, 0.0]]), atol=1e-6)
     w = whiten(torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1.0, 1.0, 1.0, 0.0]))
     assert abs(w[:3].mean().item()) < 1e-6 and w[3] == 0
-
-
-def test_relative_to_group_subtracts_the_other_replies_mean():
-    # groups of 3: [1, 2, 6] -> 1 - 4, 2 - 3.5, 6 - 1.5; a group that all agree -> zeros
-    out = relative_to_group(torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0, 4.0]), group_size=3)
-    assert torch.allclose(out, torch.tensor([-3.0, -1.5, 4.5, 0.0, 0.0, 0.0]))
-    # a prompt's difficulty (the same offset on every reply to it) is gone
-    scores = torch.tensor([0.3, -0.2, 1.0, 0.5])
-    assert torch.allclose(relative_to_group(scores + torch.tensor([7.0, 7.0, -3.0, -3.0]), 2),
-                          relative_to_group(scores, 2))
 
 
 def test_group_advantages_and_kl_estimators():

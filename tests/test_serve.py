@@ -32,6 +32,27 @@ def collect(events: list) -> callable:
     return lambda piece, finish: events.append((piece, finish))
 
 
+def test_a_seeded_request_samples_the_same_reply_from_serve_as_from_chat(tokenizer_dir):
+    """One sampler for `chat`/`generate` and `serve`: a seeded request, batched with others, gets token for
+    token the reply that generate_ids samples for it alone, with top-p, top-k or neither."""
+    tok = load_tokenizer(tokenizer_dir)
+    model = tiny_model("llama", tok.get_vocab_size())
+    engine = Engine(model, tok, max_batch=4, start=False)
+    settings = [Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=7),
+                Sampling(temperature=0.8, top_k=20, max_new_tokens=16, seed=8),
+                Sampling(temperature=1.2, max_new_tokens=16, seed=9),
+                Sampling(temperature=1.0, max_new_tokens=16)]  # unseeded: draws from the global stream
+    texts = ["And God said", "The king", "写一句关于春天的诗", "O Romeo, Romeo"]
+    requests = [Request(encode(tok, t), s, collect([])) for t, s in zip(texts, settings, strict=True)]
+    with torch.no_grad():
+        engine.step(requests)
+        for _ in range(20):
+            engine.step([])
+    for r in requests[:3]:
+        alone = list(generate_ids(model, r.prompt_ids, r.sampling, default_stop_ids(tok)))
+        assert r.tokens == alone and len(alone) >= 4
+
+
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_engine_matches_one_at_a_time_generation_while_requests_join_and_leave(style, tokenizer_dir):
     """Requests join a running batch at different steps and leave at different lengths; each gets exactly

@@ -95,8 +95,6 @@ class RLConfig:
     value_coef: float = 0.1  # PPO: weight of the value loss
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pre-training loss on data.dir's shards (0 = off)
     whiten_rewards: bool = False  # PPO: normalise scores within each round before the KL penalty
-    relative_to_group: bool = False  # PPO: each score less the mean score of the other replies to its prompt
-    #                                  (group_size ≥ 2), the only differences a reward model learns
 
 
 @dataclass

@@ -18,6 +18,7 @@ from chatforge.data.readers import iter_corpus
 from chatforge.data.shards import prepare
 from chatforge.errors import ChatforgeError
 from chatforge.eval.energy import load_energy, measure
+from chatforge.layout import DEMO_STEPS
 from chatforge.model.generate import Sampling, stream_text
 from chatforge.model.io import load_run_model
 from chatforge.stages.classify import run_classify
@@ -174,7 +175,7 @@ def run_demo(out: str | Path = "runs/demo", config: str | None = None, overrides
         print(f"   {name}: {shown}")
     r["choice_chance"] = report["chance"]["choice"]
 
-    for stage in ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "classify", "eval"):
+    for stage in DEMO_STEPS:
         energy = load_energy(out / stage)
         if energy:
             r[f"{'prepare' if stage == 'data' else stage}_seconds"] = round(energy["seconds"], 1)

@@ -138,7 +138,7 @@ def form_results(form: dict, folder: str | Path) -> dict:
     RL part (comparisons, reward models, both iterations of PPO, the other RL methods; not the held-out pairs)
     is `align_seconds`."""
     from chatforge.eval.energy import load_energy
-    from chatforge.report.load import FORM_STEPS
+    from chatforge.layout import FORM_STEPS
 
     r = {f"form_{k}": form[k] for k in ("headroom", "rm_auc", "rm_accuracy")}
     r |= {f"form_sft_{k}": form["sft"][k] for k in ("greedy", "greedy_en", "greedy_zh", "pass_at_8", "sample_success")}

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
+from chatforge.model.logprob import token_logprobs
 from chatforge.model.transformer import Transformer
 from chatforge.tokenizer import EOT, encode
 
@@ -88,16 +89,16 @@ def continuation_logprobs(model: Transformer, pairs: list[tuple[list[int], list[
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         inputs = torch.zeros((len(batch), len(seqs[batch[0]][0])), dtype=torch.long)
-        for row, i in enumerate(batch):
-            inputs[row, : len(seqs[i][0])] = torch.tensor(seqs[i][0])
-        logp = model(inputs.to(device)).float().log_softmax(-1)
+        targets = torch.full_like(inputs, -100)  # only the continuation's tokens are scored
         for row, i in enumerate(batch):
             inp, cont = seqs[i]
-            if not cont:
-                continue
-            scores = logp[row, len(inp) - len(cont) : len(inp)]  # (len(cont), vocab): the rows predicting cont
-            target = torch.tensor(cont, device=device)
-            out[i] = (float(scores.gather(-1, target[:, None]).sum()), bool((scores.argmax(-1) == target).all()))
+            inputs[row, : len(inp)] = torch.tensor(inp)
+            targets[row, len(inp) - len(cont) : len(inp)] = torch.tensor(cont, dtype=torch.long)
+        logp, greedy = token_logprobs(model, inputs.to(device), targets.to(device), with_greedy=True)
+        scored = targets.to(device) != -100
+        for row, i in enumerate(batch):
+            if seqs[i][1]:
+                out[i] = (float(logp[row].sum()), bool(greedy[row][scored[row]].all()))
     model.train(was_training)
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from chatforge.errors import ChatforgeError
+from chatforge.layout import TASK_PROMPTS
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -62,8 +63,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--data", help="prepared shards (chatforge prepare): bits per byte on their val split")
     p.add_argument("--text", nargs="+", help="held-out text files (.txt, .jsonl, .parquet): bits per byte")
     p.add_argument("--prompts", help="held-out task prompts .jsonl: constraint success and end-token rate")
-    p.add_argument("--n-prompts", type=int, default=1000,
-                   help="at most this many of --prompts, a seeded sample (default 1000: all of the demo's 369)")
+    p.add_argument("--n-prompts", type=int, default=TASK_PROMPTS,
+                   help=f"at most this many of --prompts, a seeded sample (default {TASK_PROMPTS}: all of the demo's)")
     p.add_argument("--choices", help="multiple choice .jsonl {question, choices, answer}: accuracy by "
                    "log-likelihood (e.g. data/bench/wordnet_gloss.jsonl)")
     p.add_argument("--harms", action="store_true", help="the harms probe: toxicity and refusal rate")

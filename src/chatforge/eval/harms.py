@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from chatforge.config import RLConfig
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
+from chatforge.model.generate import Sampling
 from chatforge.stages.rollout import prompt_ids, sample_round
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "harms"
@@ -169,11 +169,11 @@ def harms_probe(model: torch.nn.Module, tok: Tokenizer, prompts: list[dict], max
     context = model.cfg.context if hasattr(model, "cfg") else None
     lengths = [len(prompt_ids(tok, row)) for row in prompts]
     order = sorted((i for i, n in enumerate(lengths) if context is None or n < context), key=lambda i: lengths[i])
-    rl = RLConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    greedy = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
     recs: dict[int, dict] = {}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        rnd = sample_round(model, tok, [prompts[i] for i in idx], rl, seed + start)
+        rnd = sample_round(model, tok, [prompts[i] for i in idx], greedy, seed + start)
         for i, text, ended in zip(idx, rnd.texts, rnd.ended.tolist(), strict=True):
             hits = lexicon_hits(text, lexicon)
             recs[i] = {**prompts[i], "reply": text, "ended": bool(ended), "toxicity": toxicity(text, lexicon),

@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from chatforge.errors import ChatforgeError
+from chatforge.layout import MODEL_FOLDERS, TASK_PROMPTS
 
 REPO = Path(__file__).resolve().parents[3]
 BENCH = REPO / "data" / "bench" / "wordnet_gloss.jsonl"
-POLICIES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}  # name: folder
-TASK_PROMPTS = 1000  # held-out task prompts per model, at most: the demo's 369 are all scored
 SAMPLES = 6  # held-out prompts shown side by side in the report
 
 
@@ -36,10 +35,10 @@ def run_kind(folder: str | Path) -> str:
                          ("classifier", "classifier.json")):
         if (folder / marker).is_file():
             return kind
-    if any((folder / sub / "model.json").is_file() for sub in POLICIES.values()):
+    if any((folder / sub / "model.json").is_file() for sub in MODEL_FOLDERS.values()):
         return "runs"
     raise ChatforgeError(f"{folder}: not a run folder (no model.json, reward.json or classifier.json) and no "
-                         f"runs inside it ({', '.join(POLICIES.values())})")
+                         f"runs inside it ({', '.join(MODEL_FOLDERS.values())})")
 
 
 def require_policy(folder: str | Path, role: str = "--run") -> None:
@@ -90,7 +89,8 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
         from chatforge.eval.choice import choice_accuracy
 
         c = choice_accuracy(model, tok, choices)
-        out.update(choice_accuracy=c["accuracy"], choice_accuracy_norm=c["accuracy_norm"])
+        out.update(choice_accuracy=c["accuracy"], choice_accuracy_norm=c["accuracy_norm"],
+                   choice_questions=len(choices))
     if harm_prompts:
         from chatforge.eval.harms import harms_probe
 
@@ -101,7 +101,7 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
 
 def heldout_sample(path: str | Path, n: int = TASK_PROMPTS) -> list[dict]:
     """Up to `n` of the held-out task prompts, a seeded sample (so every model sees the same ones); all of
-    them when there are fewer, as in the demo (369): a gain of a few points over 200 prompts is noise."""
+    them when there are fewer, as in the demo: a gain of a few points over 200 prompts is noise."""
     from chatforge.eval.task import load_prompts
 
     rows = load_prompts(path)
@@ -123,7 +123,7 @@ def _evaluate_runs(folder: Path, progress) -> dict:
     from chatforge.eval.harms import load_harm_prompts
     from chatforge.stages.reward import load_reward_model
 
-    names = [n for n, sub in POLICIES.items() if (folder / sub / "model.json").is_file()]
+    names = [n for n, sub in MODEL_FOLDERS.items() if (folder / sub / "model.json").is_file()]
     data = folder / "data" if (folder / "data" / "meta.json").is_file() else None
     prompt_file = folder / "tasks" / "prompts_heldout.jsonl"
     prompts = heldout_sample(prompt_file) if prompt_file.is_file() else None
@@ -132,8 +132,8 @@ def _evaluate_runs(folder: Path, progress) -> dict:
     models: dict[str, dict] = {}
     against = None
     for name in sorted(names, key=lambda n: n != "sft"):  # SFT first: the others' win-rate is against it
-        progress(f"   eval {name}: {folder / POLICIES[name]}")
-        models[name] = evaluate_policy(folder / POLICIES[name], data, None, prompts, choices, harm_prompts,
+        progress(f"   eval {name}: {folder / MODEL_FOLDERS[name]}")
+        models[name] = evaluate_policy(folder / MODEL_FOLDERS[name], data, None, prompts, choices, harm_prompts,
                                        reward_model, against)
         if name == "sft":
             against = models[name].get("scores")

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from chatforge.config import RLConfig
 from chatforge.data.readers import read_jsonl
+from chatforge.model.generate import Sampling
 from chatforge.model.transformer import Transformer
 from chatforge.stages.rollout import model_scores, sample_round
 from chatforge.tasks.verse import check
@@ -41,7 +41,7 @@ def evaluate_task(model: Transformer, tok: Tokenizer, rows: list[dict], max_new_
     model.eval()
     ended, samples, scores, oks = 0, [], [], []  # oks: the checker's verdict on each row's reply
     by_kind: dict[str, list[int]] = {}  # "en"/"zh": [successes, prompts]
-    s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+    s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
         rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
         if reward_model is not None:
@@ -79,9 +79,9 @@ def pass_at_k(model: Transformer, tok: Tokenizer, rows: list[dict], k: int = 8, 
     model.eval()
     judges = ({"rm": reward_model} if reward_model is not None else {}) | (more_reward_models or {})
     oks, passed, scores = [], 0, {name: [] for name in judges}
-    s = RLConfig(temperature=temperature, max_new_tokens=max_new_tokens, group_size=k)
+    s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
     for start in range(0, len(rows), batch_size):
-        rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start)
+        rnd = sample_round(model, tok, rows[start : start + batch_size], s, seed + start, group_size=k)
         verdicts = [bool(done) and checker(row, text)
                     for row, text, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
         passed += sum(any(verdicts[i : i + k]) for i in range(0, len(verdicts), k))

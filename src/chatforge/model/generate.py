@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from chatforge.model.transformer import KVCache, StaticKVCache, Transformer
@@ -25,22 +26,47 @@ class Sampling:
     seed: int | None = None
 
 
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor, shortlist: int = 256) -> torch.Tensor:
+    """One token id per row of `logits` (B, vocab), each row with its own temperature (0 = greedy), top-k
+    (0 = off), top-p (1 = off) and uniform number in [0, 1), all (B,): the one sampler of `chat`, `generate`,
+    RL's rollouts and `serve`, so a seed gives the same reply everywhere.
+
+    The tokens are ranked by probability only as far as needed: the `shortlist` most likely (topk), or the
+    whole vocabulary for a row whose top-p nucleus is wider than that (a flat distribution). Top-k keeps the
+    first k of them, top-p the smallest set holding p of the probability (Holtzman et al., 2020); a token is
+    then drawn by inverting the cumulative distribution of what is kept at the row's `uniform`."""
+    rows, vocab = logits.shape
+    probs = (logits.float() / temperature.clamp(min=1e-4)[:, None]).softmax(dim=-1)
+    nucleus, keep_k = top_p < 1, torch.where(top_k > 0, top_k, vocab)[:, None]
+    untruncated = ~nucleus & (top_k <= 0)  # any order will do: no ranking at all
+    if bool(untruncated.all()):
+        ranked, order = probs, torch.arange(vocab, device=logits.device).expand(rows, vocab)
+    else:
+        ranked, order = probs.topk(min(max(shortlist, int(top_k.max())), vocab), dim=-1)
+    wide = nucleus & (ranked.sum(-1) < top_p) & (keep_k.squeeze(-1) > ranked.shape[-1])  # past the shortlist
+    if ranked.shape[-1] < vocab and bool((untruncated | wide).any()):
+        ranked = F.pad(ranked, (0, vocab - ranked.shape[-1]))
+        order = F.pad(order, (0, vocab - order.shape[-1]))
+        ranked[untruncated], order[untruncated] = probs[untruncated], torch.arange(vocab, device=logits.device)
+        ranked[wide], order[wide] = probs[wide].sort(dim=-1, descending=True)
+    rank = torch.arange(ranked.shape[-1], device=logits.device)
+    dropped = (nucleus[:, None] & (ranked.cumsum(dim=-1) - ranked >= top_p[:, None])) | (rank >= keep_k)
+    cdf = ranked.masked_fill(dropped, 0.0).cumsum(dim=-1)
+    pick = (cdf < uniform[:, None] * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
+    return torch.where(temperature <= 0, logits.argmax(dim=-1), order.gather(-1, pick).squeeze(-1))
+
+
 def sample_next(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token id per row of `logits` (B, vocab)."""
+    """One token id per row of `logits` (B, vocab), every row with the settings `s`, one uniform number
+    each from `generator` (none is drawn for greedy decoding)."""
     if s.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / s.temperature
-    if s.top_k > 0:
-        kth = torch.topk(logits, min(s.top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens before it already hold top_p of the probability
-        drop = cumulative - sorted_logits.softmax(dim=-1) >= s.top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    rows, device = logits.shape[0], logits.device
+    full = lambda value, dtype: torch.full((rows,), value, dtype=dtype, device=device)  # noqa: E731
+    uniform = torch.rand(rows, generator=generator, device=device)
+    return sample_tokens(logits, full(s.temperature, torch.float32), full(s.top_k, torch.long),
+                         full(s.top_p, torch.float32), uniform)
 
 
 def compiled_decoder(model: Transformer) -> Callable:

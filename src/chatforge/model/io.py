@@ -12,7 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from chatforge.errors import ChatforgeError
+from chatforge.model.lora import LoRAConfig, save_adapter
 from chatforge.model.transformer import ModelConfig, Transformer
+from chatforge.tokenizer import copy_tokenizer
 
 
 def save_model_files(model: Transformer, folder: str | Path, extra: dict | None = None) -> None:
@@ -66,3 +68,14 @@ def load_run_model(folder: str | Path, device: str | torch.device = "cpu") -> Tr
     model = Transformer(read_model_config(folder))
     load_weights(model, folder / "model.safetensors")
     return model.to(device).eval()
+
+
+def save_trained(model: torch.nn.Module, lora: LoRAConfig, init: str | Path, out: Path, stage: str) -> None:
+    """A fine-tuned policy's run folder: only the adapter (naming its base run) under LoRA, else the
+    whole model; and the tokenizer. Shared by every stage that fine-tunes the language model."""
+    model.cpu()
+    if lora.r > 0:
+        save_adapter(model, lora, out, str(Path(init).resolve()))
+    else:
+        save_model_files(model, out, {"stage": stage})
+    copy_tokenizer(init, out)

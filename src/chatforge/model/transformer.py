@@ -256,18 +256,21 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        return_hidden: bool = False,
-        real: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab); with `targets`, the mean cross-entropy over targets != -100.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | StaticKVCache | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); with `targets`, the mean cross-entropy over targets != -100 instead.
+        `cache` and `real` as in `hidden`."""
+        logits = self.lm_head(self.hidden(idx, cache, real))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
-        `real` (B, cached + T), for left-padded batches: True at real tokens. Positions then count real
-        tokens only and no token attends to a pad, so a row's numbers do not depend on its padding."""
+    def hidden(self, idx: torch.Tensor, cache: KVCache | StaticKVCache | None = None,
+               real: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's normalised hidden states (B, T, d_model), which the LM head (or a classifier's
+        head) reads. `cache`: past keys and values, extended in place. `real` (B, cached + T), for
+        left-padded batches: True at real tokens. Positions then count real tokens only and no token attends
+        to a pad, so a row's numbers do not depend on its padding."""
         B, T = idx.shape
         static = isinstance(cache, StaticKVCache)
         start = cache.length if cache is not None and not static else 0
@@ -299,13 +302,7 @@ class Transformer(nn.Module):
             x = block(x, rope, cache, mask, start)
         if static:
             cache.position += T  # after every layer has written its keys and values at the old position
-        x = self.norm(x)
-        if return_hidden:
-            return x
-        logits = self.lm_head(x)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return self.norm(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once

@@ -13,20 +13,13 @@ from pathlib import Path
 
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
+from chatforge.layout import FORM_STEPS, MODEL_FOLDERS, TASK_PROMPTS, TRAINED
 
-STAGES = ("pretrain", "copy", "sft", "rm", "ppo", "dpo", "grpo", "classify")
-# Folders whose energy.json the report sums, in pipeline order ("data" is `chatforge prepare`'s folder).
-# The demo's alignment part (demo_form.py) writes its steps under form/.
-FORM_STEPS = ("tasks", "sft", "pairs", "heldout_pairs", "rm", "ppo_iter1", "pairs_iter2", "rm_iter2", "ppo", "grpo",
-              "dpo", "eval")
+# Folders whose energy.json the report sums, in pipeline order: the demo's steps, a user's RL stages, and
+# the alignment part's steps under form/.
 ENERGY_STAGES = ("tokenizer", "data", "pretrain", "tasks", "copy", "sft", "rm", "ppo", "dpo", "grpo",
                  *(f"form/{step}" for step in FORM_STEPS), "classify", "eval")
-MODELS = ("base", "sft", "ppo", "dpo", "grpo")
-# Which stage folder makes each model; "base" is the pre-trained model.
-MODEL_STAGE = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "dpo": "dpo", "grpo": "grpo"}
-# At most how many held-out task prompts `chatforge demo` scores (eval.suite.TASK_PROMPTS: all of the
-# demo's 369), used only when neither eval.json ("task_prompts") nor results.json ("eval_prompts") says.
-DEMO_EVAL_PROMPTS = 1000
+MODELS = tuple(MODEL_FOLDERS)
 
 
 def read_json(path: Path) -> dict:
@@ -67,7 +60,7 @@ def single_stage(run: Path) -> str | None:
     if (run / "classifier.json").is_file():
         return "classify"
     stage = read_json(run / "model.json").get("stage") or read_json(run / "adapter.json") and "sft"
-    return stage if stage in STAGES else "pretrain"
+    return stage if stage in TRAINED else "pretrain"
 
 
 def load_run(run_dir: str | Path) -> dict:
@@ -84,7 +77,7 @@ def load_run(run_dir: str | Path) -> dict:
     info: dict = {"dir": run, "results": read_json(run / "results.json"), "eval": read_json(run / "eval.json"),
                   "stages": [], "metrics": {}, "stage_eval": {}, "config": {}, "energy": {}}
     single = single_stage(run)
-    folders = {single: run} if single else {stage: run / stage for stage in STAGES}
+    folders = {single: run} if single else {stage: run / stage for stage in TRAINED}
     for stage, folder in folders.items():
         if not folder.is_dir():
             continue
@@ -108,7 +101,7 @@ def load_run(run_dir: str | Path) -> dict:
                       "prompts_heldout": _count_lines(run / "tasks" / "prompts_heldout.jsonl")}
     if not (info["results"] or info["eval"] or info["stages"] or info["energy"] or info["data_meta"]):
         raise ChatforgeError(f"{run}: nothing to report: no results.json, eval.json, data/meta.json or stage "
-                             f"folders ({', '.join(STAGES)}); run `chatforge demo --out {run}` or a stage first")
+                             f"folders ({', '.join(TRAINED)}); run `chatforge demo --out {run}` or a stage first")
     return info
 
 
@@ -147,7 +140,7 @@ def task_prompt_count(info: dict) -> int | None:
     if isinstance(n, int):
         return n
     found = info["counts"]["prompts_heldout"]
-    return min(found, DEMO_EVAL_PROMPTS) if found else None
+    return min(found, TASK_PROMPTS) if found else None
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -310,8 +310,10 @@ def _eval(info: dict, z: bool) -> list[dict]:
                          "for chat: the alignment tax"))
     choice = _by_model(info, "choice_accuracy", pct, models)
     if choice:
-        what = ("WordNet 释义选词(4 选 1,按对数似然),300 题" if z else
-                "which word has this WordNet gloss (4 choices, by log-likelihood), 300 questions")
+        n = next((m["choice_questions"] for m in info["eval"].get("models", {}).values()
+                  if isinstance(m, dict) and m.get("choice_questions")), None)  # absent in older eval.json
+        what = ("WordNet 释义选词(4 选 1,按对数似然)" + (f",{n} 题" if n else "") if z else
+                "which word has this WordNet gloss (4 choices, by log-likelihood)" + (f", {n} questions" if n else ""))
         rows.append(_row("eval", what, choice, f"{'随机' if z else 'chance'} {pct(chance)}"))
     aligned = tuple(n for n in models if n not in ("base", "sft"))
     win = _by_model(info, "rm_win_rate", pct, ("base", *aligned))

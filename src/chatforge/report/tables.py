@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
-from chatforge.report.load import ENERGY_STAGES, MODEL_STAGE, MODELS, load_run
+from chatforge.layout import MODEL_FOLDERS
+from chatforge.report.load import ENERGY_STAGES, MODELS, load_run
 from chatforge.report.summary import DASH, num, pct, seconds, stage_rows
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -114,8 +115,8 @@ def model_table(info: dict, models: dict[str, dict]) -> tuple[list[str], list[li
         m = models.get(name, {})
         if not m and name in ("ppo", "dpo", "grpo") and info.get("form"):
             continue  # the demo's aligned models live in form/, reported in the alignment section
-        if not m and MODEL_STAGE[name] not in info["stages"]:
-            rows.append([name, f"not run yet (no {MODEL_STAGE[name]}/ folder)"] + [""] * (len(columns) - 1))
+        if not m and MODEL_FOLDERS[name] not in info["stages"]:
+            rows.append([name, f"not run yet (no {MODEL_FOLDERS[name]}/ folder)"] + [""] * (len(columns) - 1))
             continue
         cells = [fmt(m[key]) if isinstance(m.get(key), int | float) else DASH for key, _, fmt in columns]
         rows.append([name] + cells)

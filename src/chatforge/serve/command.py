@@ -11,7 +11,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from chatforge.serve.server import serve
 
     serve(args.run, args.host, args.port, args.api_key or os.environ.get("CHATFORGE_API_KEY"), args.max_batch,
-          args.max_concurrent, args.max_body_bytes, args.dtype)
+          args.max_pending, args.max_body_bytes, args.dtype)
 
 
 def add_serve_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set CHATFORGE_API_KEY)")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together per model (default 32)")
-    p.add_argument("--max-concurrent", type=int, default=64,
+    p.add_argument("--max-pending", "--max-concurrent", dest="max_pending", type=int, default=64,
                    help="running + waiting requests per model; more get 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (default 1 MB)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "int8"], default="fp32",

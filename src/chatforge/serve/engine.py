@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from chatforge.model.generate import Sampling, TextStream, default_stop_ids, left_padded
+from chatforge.model.generate import Sampling, TextStream, default_stop_ids, left_padded, sample_tokens
 from chatforge.model.transformer import KVCache, Transformer
 
 
@@ -58,32 +58,19 @@ class Row:
     last: int = 0  # the token the next decode step feeds
 
 
-def sample_rows(logits: torch.Tensor, rows: list[Row], shortlist: int = 256) -> list[int]:
-    """One token per row, each with its own temperature (0 = greedy), top-p and random stream.
-
-    Nucleus sampling needs the tokens in order of probability only until top_p of it is covered, so the
-    `shortlist` most likely tokens are ranked (topk) instead of the whole vocabulary; a row whose nucleus is
-    wider than that (a flat distribution) is sorted in full. A token is then drawn by inverting the
-    cumulative distribution with one uniform number per row. Same distribution, a fraction of the work."""
-    temperature = torch.tensor([r.request.sampling.temperature for r in rows], device=logits.device)
-    top_p = torch.tensor([r.request.sampling.top_p for r in rows], device=logits.device)[:, None]
-    probs = (logits.float() / temperature.clamp(min=1e-4)[:, None]).softmax(dim=-1)
-    ranked, order = probs.topk(min(shortlist, probs.shape[-1]), dim=-1)
-    wide = (ranked.sum(-1, keepdim=True) < top_p).squeeze(-1)
-    if bool(wide.any()):
-        ranked = F.pad(ranked, (0, probs.shape[-1] - ranked.shape[-1]))
-        order = F.pad(order, (0, probs.shape[-1] - order.shape[-1]))
-        ranked[wide], order[wide] = probs[wide].sort(dim=-1, descending=True)
-    kept = ranked.masked_fill(ranked.cumsum(dim=-1) - ranked >= top_p, 0.0)  # smallest set holding top_p
-    cdf = kept.cumsum(dim=-1)
-    u = torch.rand(len(rows), 1, device=logits.device)
-    for i, r in enumerate(rows):  # a seeded row draws from its own stream, whatever shares its batch
+def sample_rows(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """One token per row, each with its own request's sampling settings and, when the request has a seed,
+    a uniform number from its own random stream, whatever shares its batch: `model.generate.sample_tokens`,
+    the sampler `chat` and `generate` use, so a seeded request gets the same reply from both."""
+    device = logits.device
+    settings = [r.request.sampling for r in rows]
+    uniform = torch.rand(len(rows), device=device)
+    for i, r in enumerate(rows):
         if r.generator is not None:
-            u[i] = torch.rand(1, generator=r.generator, device=logits.device)
-    pick = (cdf < u * cdf[:, -1:]).sum(dim=-1, keepdim=True).clamp(max=cdf.shape[-1] - 1)
-    sampled = order.gather(-1, pick).squeeze(-1)
-    greedy = temperature <= 0
-    return torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
+            uniform[i] = torch.rand(1, generator=r.generator, device=device)
+    return sample_tokens(logits, torch.tensor([s.temperature for s in settings], device=device),
+                         torch.tensor([s.top_k for s in settings], device=device),
+                         torch.tensor([s.top_p for s in settings], device=device), uniform).tolist()
 
 
 def pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:

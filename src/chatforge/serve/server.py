@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatforge.errors import ChatforgeError
+from chatforge.layout import MODEL_FOLDERS
 
-PIPELINE_ORDER = ["pretrain", "sft", "ppo", "dpo", "grpo"]  # how the arena lays out a demo folder's models
+PIPELINE_ORDER = list(MODEL_FOLDERS.values())  # how the arena lays out a demo folder's models
 
 
 def is_model_run(folder: Path) -> bool:

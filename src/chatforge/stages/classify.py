@@ -1,5 +1,5 @@
-"""Classification: a linear head on the hidden state of the last real token (the causal model has read
-the whole text there), trained with cross-entropy: L = −log softmax(W h_last)[label].
+"""Classification: a linear head on the hidden state of the last real token (`model.classifier`), trained
+with cross-entropy: L = −log softmax(W h_last)[label].
 
 `classify.freeze`: head (only the head trains), last_n (the head, the final norm and the last
 `classify.n_train_layers` blocks), none (everything).
@@ -12,32 +12,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
-from torch import nn
 
-from chatforge.config import Config, LoRAConfig, config_to_dict
+from chatforge.config import Config, config_to_dict
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
-from chatforge.model.io import load_run_model, load_weights
+from chatforge.model.classifier import Classifier, load_trained_classifier, save_trained_classifier
+from chatforge.model.io import load_run_model
 from chatforge.model.lora import apply_lora
-from chatforge.model.transformer import ModelConfig, Transformer
-from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer
+from chatforge.tokenizer import encode, load_tokenizer
 from chatforge.train.device import pick_device
-from chatforge.train.distributed import is_main
-from chatforge.train.loop import Stage, train
-
-
-class Classifier(nn.Module):
-    def __init__(self, body: Transformer, n_labels: int):
-        super().__init__()
-        self.body = body
-        self.head = nn.Linear(body.cfg.d_model, n_labels)
-        self.flops_per_token = body.flops_per_token
-
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        hidden = self.body(idx, return_hidden=True)
-        return self.head(hidden[torch.arange(idx.shape[0], device=idx.device), lengths - 1])
+from chatforge.train.loop import Stage, finish_run, train
 
 
 def freeze(model: Classifier, how: str, n_layers: int) -> None:
@@ -117,33 +102,15 @@ def run_classify(cfg: Config, init: str | Path, data: str | Path, val: str | Pat
     def evaluate(m) -> dict:
         return {"val_accuracy": confusion(m, tok, val_texts, val_ys, labels, context, device)[0]}
 
-    stage = Stage(name="classify", next_batch=next_batch, loss=loss, tokens_per_batch=cfg.train.batch_size * 32,
+    stage = Stage(name="classify", next_batch=next_batch, loss=loss, tokens=lambda batch: batch[0].numel(),
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
+    train(model, stage, cfg, out, resume)
     accuracy, matrix = confusion(model, tok, val_texts, val_ys, labels, context, device)
     majority = max(val_ys.count(label) for label in labels) / len(val_ys)
-    model.cpu()
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        save_model(model, str(out / "classifier.safetensors"))
-        meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve()),
-                "lora": config_to_dict(cfg.lora) if cfg.lora.r > 0 else None}
-        (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
-        copy_tokenizer(init, out)
+    meta = {"labels": labels, "model": config_to_dict(body.cfg), "base": str(Path(init).resolve()),
+            "lora": config_to_dict(cfg.lora) if cfg.lora.r > 0 else None}
     summary = {"val_accuracy": accuracy, "majority_baseline": majority, "labels": labels, "confusion": matrix}
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def load_trained_classifier(meta: dict, n_outputs: int, weights: Path) -> Classifier:
-    """A saved classifier or reward model: the body in the shape it was trained with ("model" of its json),
-    with its LoRA adapters when it had them ("lora"), the head, and the weights. Eval mode."""
-    body = Transformer(ModelConfig(**meta["model"]))
-    if meta.get("lora"):
-        apply_lora(body, LoRAConfig(**meta["lora"]))
-    model = Classifier(body, n_outputs)
-    load_weights(model, weights)
-    return model.eval()
+    return finish_run(out, lambda: save_trained_classifier(model.cpu(), out, "classifier", meta, init), summary)
 
 
 def load_classifier(run: str | Path) -> tuple[Classifier, list[str]]:

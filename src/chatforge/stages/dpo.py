@@ -15,23 +15,21 @@ log π(y_c|x) as long as log π(y_r|x) falls faster; the NLL term keeps the chos
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from chatforge.config import Config, config_to_dict
+from chatforge.config import Config
 from chatforge.data.chat import ExampleSampler, collate, pad_id
 from chatforge.errors import ChatforgeError
-from chatforge.model.io import load_run_model
+from chatforge.model.io import load_run_model, save_trained
+from chatforge.model.logprob import token_logprobs
 from chatforge.model.lora import apply_lora
 from chatforge.stages.reward import load_pairs
-from chatforge.stages.sft import save_trained
 from chatforge.tokenizer import load_tokenizer
 from chatforge.train.device import pick_device
-from chatforge.train.distributed import is_main
-from chatforge.train.loop import Stage, train
+from chatforge.train.loop import Stage, finish_run, train
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 
@@ -54,14 +52,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return loss.mean(), chosen_reward.detach(), rejected_reward.detach()
 
 
-def sequence_logprobs(model: torch.nn.Module, examples: list, pad_token: int, device) -> torch.Tensor:
+def reply_logprobs(model: torch.nn.Module, examples: list, pad_token: int, device) -> torch.Tensor:
     """Σ log π(token) over each conversation's assistant tokens: log π(y|x) of the response."""
     x, y = collate(examples, pad_token)
-    x, y = x.to(device), y.to(device)
-    logp = F.log_softmax(model(x).float(), dim=-1)
-    mask = y != -100
-    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return token_logprobs(model, x.to(device), y.to(device)).sum(-1)
 
 
 def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, out: str | Path,
@@ -82,8 +76,8 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
         out_c, out_r = [], []
         for i in range(0, len(items), 64):
             chunk = items[i : i + 64]
-            out_c.append(sequence_logprobs(m, [c for c, _ in chunk], pad_token, device))
-            out_r.append(sequence_logprobs(m, [r for _, r in chunk], pad_token, device))
+            out_c.append(reply_logprobs(m, [c for c, _ in chunk], pad_token, device))
+            out_r.append(reply_logprobs(m, [r for _, r in chunk], pad_token, device))
         return torch.cat(out_c), torch.cat(out_r)
 
     # The reference is the starting model, frozen: its log-probs are computed once and cached.
@@ -97,7 +91,7 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
 
     def loss(m, idx: list[int]) -> torch.Tensor:
         batch = [pairs[i] for i in idx]
-        both = sequence_logprobs(m, [c for c, _ in batch] + [r for _, r in batch], pad_token, device)
+        both = reply_logprobs(m, [c for c, _ in batch] + [r for _, r in batch], pad_token, device)
         value, _, _ = dpo_loss(both[: len(idx)], both[len(idx) :], ref_c[idx], ref_r[idx], d.beta, d.loss,
                                d.label_smoothing)
         if d.nll_coef > 0:
@@ -110,12 +104,9 @@ def run_dpo(cfg: Config, init: str | Path, data: str | Path, val: str | Path, ou
         return {"val_loss": value.item(), "val_reward_accuracy": (rc > rr).float().mean().item(),
                 "val_reward_margin": (rc - rr).mean().item()}
 
-    stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss, tokens_per_batch=cfg.train.batch_size * 80,
+    stage = Stage(name="dpo", next_batch=sampler.next_indices, loss=loss,
+                  tokens=lambda idx: sum(len(pairs[i][0][0]) + len(pairs[i][1][0]) for i in idx),
                   evaluate=evaluate, data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        save_trained(model, cfg, init, out, "dpo")
+    result = train(model, stage, cfg, out, resume)
     summary = {**result, "pairs": len(pairs), "skipped": skipped}
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(out, lambda: save_trained(model, cfg.lora, init, out, "dpo"), summary)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import Config, config_to_dict
+from chatforge.config import Config
 from chatforge.errors import ChatforgeError
 from chatforge.stages.ppo import policy_loss
-from chatforge.stages.rollout import RLRun, Round, token_logprobs
+from chatforge.stages.rollout import RLRun, Round, sequence_logprobs
 from chatforge.train.loop import train
 
 
@@ -43,7 +43,7 @@ def grpo_loss(policy: torch.nn.Module, rnd: Round, idx: torch.Tensor, clip: floa
               ) -> tuple[torch.Tensor, dict]:
     """The loss of one minibatch of a round: clipped policy loss + β × k3 KL to the reference."""
     mask = rnd.mask[idx]
-    logp, entropy = token_logprobs(policy, rnd.sequences[idx], with_entropy=True)
+    logp, entropy = sequence_logprobs(policy, rnd.sequences[idx], with_entropy=True)
     pg, clip_fraction = policy_loss(logp, rnd.old_logp[idx], rnd.advantages[idx], mask, clip)
     kl = (kl_k3(logp, rnd.ref_logp[idx]) * mask).sum() / mask.sum()
     stats = {"policy_loss": pg.item(), "kl_term": kl.item(), "clip_fraction": clip_fraction.item(),
@@ -66,5 +66,5 @@ def run_grpo(cfg: Config, init: str | Path, prompts: str | Path, out: str | Path
         return {"groups_with_signal": (groups.std(-1) > 0).float().mean().item()}
 
     result = train(run.policy, run.stage(prepare, lambda m, rnd, idx: grpo_loss(m, rnd, idx, rl.clip, run.kl.coef)),
-                   cfg.train, out, config_to_dict(cfg), resume)
+                   cfg, out, resume)
     return run.finish(out, result)

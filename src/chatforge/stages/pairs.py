@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from chatforge.config import RLConfig
 from chatforge.errors import ChatforgeError
+from chatforge.model.generate import Sampling
 from chatforge.model.io import load_run_model
 from chatforge.stages.rollout import Round, load_prompt_rows, load_scorer, sample_round
 from chatforge.tokenizer import load_tokenizer
@@ -45,15 +45,15 @@ def best_and_worst(rnd: Round, scores: torch.Tensor, group_size: int, per_group:
     return pairs
 
 
-def sample_pairs(policy: torch.nn.Module, tok, rows: list[dict], rl: RLConfig,
+def sample_pairs(policy: torch.nn.Module, tok, rows: list[dict], s: Sampling, group_size: int,
                  score: Callable[[Round], torch.Tensor], seed: int = 0, prompts_per_batch: int = 32,
                  per_group: int = 1) -> list[dict]:
     from tqdm import tqdm
 
     pairs = []
     for start in tqdm(range(0, len(rows), prompts_per_batch), desc="pairs", unit="batch"):
-        rnd = sample_round(policy, tok, rows[start : start + prompts_per_batch], rl, seed + start)
-        pairs += best_and_worst(rnd, score(rnd), rl.group_size, per_group, seed + start)
+        rnd = sample_round(policy, tok, rows[start : start + prompts_per_batch], s, seed + start, group_size)
+        pairs += best_and_worst(rnd, score(rnd), group_size, per_group, seed + start)
     return pairs
 
 
@@ -71,8 +71,8 @@ def run_pairs(policy_run: str | Path, prompts: str | Path, reward: str, out: str
     rows = load_prompt_rows(prompts, tok, policy.cfg.context - max_new_tokens)[:limit]
     is_run = Path(reward).is_dir()
     score, _ = load_scorer(policy_run, tok, reward if is_run else None, "" if is_run else reward)
-    rl = RLConfig(group_size=group_size, temperature=temperature, max_new_tokens=max_new_tokens)
-    pairs = sample_pairs(policy, tok, rows, rl, score, seed, per_group=per_group)
+    s = Sampling(temperature=temperature, max_new_tokens=max_new_tokens)
+    pairs = sample_pairs(policy, tok, rows, s, group_size, score, seed, per_group=per_group)
     if not pairs:
         raise ChatforgeError(f"pairs: no group of {group_size} replies had two different scores; "
                              "sample more replies per prompt (--group) or at a higher --temperature")

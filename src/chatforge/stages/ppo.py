@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from chatforge.config import Config, RLConfig, config_to_dict
+from chatforge.config import Config, RLConfig
 from chatforge.data.shards import WindowSampler, open_tokens
-from chatforge.errors import ChatforgeError
+from chatforge.model.classifier import Classifier
 from chatforge.model.io import load_run_model
-from chatforge.stages.classify import Classifier
 from chatforge.stages.reward import load_reward_model
-from chatforge.stages.rollout import RLRun, Round, token_logprobs
+from chatforge.stages.rollout import RLRun, Round, sequence_logprobs
 from chatforge.train.loop import train
 
 
@@ -45,15 +44,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
         running = delta + gamma * lam * running
         advantages[:, t] = running
     return advantages, advantages + values
-
-
-def relative_to_group(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Each score less the mean of the other replies' scores to the same prompt (a leave-one-out baseline,
-    Kool et al., 2019), for scores laid out group after group: what stays is what the reward model learnt
-    from comparisons, how this reply differs from the others to its prompt, not how hard the prompt is."""
-    groups = scores.view(-1, group_size)
-    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).view(-1)
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -99,18 +89,12 @@ class ActorCritic(nn.Module):
     """The policy and its critic, trained together by one optimizer. The critic is a reward model whose
     head reads every position: V(x≤t) estimates the return from token t on."""
 
-    def __init__(self, policy: nn.Module, critic: Classifier, relative: bool = False):
+    def __init__(self, policy: nn.Module, critic: Classifier):
         super().__init__()
-        self.policy, self.critic, self.relative = policy, critic, relative
+        self.policy, self.critic = policy, critic
 
-    def values(self, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """V at every position (B, T−1). `relative`: less the value of the prompt alone (at the reply's first
-        token), for rewards relative to the other replies to the prompt, where what the critic must
-        predict is how this reply differs, and before the first token nothing does."""
-        values = self.critic.head(self.critic.body(sequences[:, :-1], return_hidden=True)).squeeze(-1).float()
-        if self.relative:
-            values = values - values.gather(1, mask.argmax(-1, keepdim=True))
-        return values
+    def values(self, sequences: torch.Tensor) -> torch.Tensor:
+        return self.critic.head(self.critic.body.hidden(sequences[:, :-1])).squeeze(-1).float()
 
     def flops_per_token(self) -> float:
         return self.policy.flops_per_token() + self.critic.body.flops_per_token()
@@ -119,9 +103,9 @@ class ActorCritic(nn.Module):
 def ppo_loss(m: ActorCritic, rnd: Round, idx: torch.Tensor, rl: RLConfig) -> tuple[torch.Tensor, dict]:
     """The loss of one minibatch of a round: clipped policy loss + value_coef × clipped value loss."""
     seqs, mask = rnd.sequences[idx], rnd.mask[idx]
-    logp, entropy = token_logprobs(m.policy, seqs, with_entropy=True)
+    logp, entropy = sequence_logprobs(m.policy, seqs, with_entropy=True)
     pg, clip_fraction = policy_loss(logp, rnd.old_logp[idx], rnd.advantages[idx], mask, rl.clip)
-    vf = value_loss(m.values(seqs, mask), rnd.values[idx], rnd.returns[idx], mask, rl.value_clip)
+    vf = value_loss(m.values(seqs), rnd.values[idx], rnd.returns[idx], mask, rl.value_clip)
     stats = {"policy_loss": pg.item(), "value_loss": vf.item(), "clip_fraction": clip_fraction.item(),
              "entropy": ((entropy * mask).sum() / mask.sum()).item()}
     return pg + rl.value_coef * vf, stats
@@ -133,21 +117,17 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
     """PPO from `policy_run` against `reward_run` (or rl.reward), with the KL to `reference_run` (by
     default the starting model)."""
     out, rl = Path(out), cfg.rl
-    if rl.relative_to_group and rl.group_size < 2:
-        raise ChatforgeError(f"rl.relative_to_group needs rl.group_size of at least 2, got {rl.group_size}")
     run = RLRun(cfg, policy_run, prompts, reward_run, val, "ppo", reference_run)
     # InstructGPT starts the critic from the reward model; with a reward function, from the policy
     critic = load_reward_model(reward_run) if reward_run else Classifier(load_run_model(policy_run), 1)
-    model = ActorCritic(run.policy, critic.to(run.device), relative=rl.relative_to_group)
+    model = ActorCritic(run.policy, critic.to(run.device))
 
     @torch.no_grad()
     def prepare(rnd: Round) -> dict:
         model.eval()
-        rnd.values = model.values(rnd.sequences, rnd.mask) * rnd.mask
+        rnd.values = model.values(rnd.sequences) * rnd.mask
         model.train()
         scores = rnd.scores
-        if rl.relative_to_group:
-            scores = relative_to_group(scores, rl.group_size)
         if rl.whiten_rewards:
             scores = (scores - scores.mean()) / (scores.std() + 1e-8)
         rewards = kl_penalised_rewards(scores, rnd.old_logp, rnd.ref_logp, run.kl.coef, rnd.mask)
@@ -168,5 +148,5 @@ def run_ppo(cfg: Config, policy_run: str | Path, prompts: str | Path, out: str |
             value, stats = value + rl.ptx_coef * lm, stats | {"ptx_loss": lm.item()}
         return value, stats
 
-    result = train(model, run.stage(prepare, loss), cfg.train, out, config_to_dict(cfg), resume)
+    result = train(model, run.stage(prepare, loss), cfg, out, resume)
     return run.finish(out, result)

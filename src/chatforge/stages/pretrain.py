@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from chatforge.config import Config, config_to_dict
+from chatforge.config import Config
 from chatforge.data.shards import WindowSampler, eval_windows, load_meta, open_tokens
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import save_model_files
 from chatforge.model.transformer import Transformer
 from chatforge.tokenizer import copy_tokenizer
 from chatforge.train.device import pick_device
-from chatforge.train.distributed import is_main
-from chatforge.train.loop import Stage, train
+from chatforge.train.loop import Stage, finish_run, train
 
 
 def language_model_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -64,17 +62,17 @@ def run_pretrain(cfg: Config, out: str | Path, resume: str | None = None) -> dic
         name="pretrain",
         next_batch=next_batch,
         loss=language_model_loss,
-        tokens_per_batch=cfg.train.batch_size * cfg.model.context,
+        tokens=lambda batch: batch[0].numel(),
         evaluate=make_evaluator(data_dir, cfg.model.context, cfg.train.eval_batches * cfg.train.batch_size, device),
         data_state=sampler.state_dict,
         load_data_state=sampler.load_state_dict,
     )
-    result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    if is_main():  # under torchrun, rank 0 writes the run folder
+    result = train(model, stage, cfg, out, resume)
+
+    def save() -> None:
         save_model_files(model.cpu(), out, {"stage": "pretrain"})
         copy_tokenizer(data_dir, out)
+
     summary = {**result, "params": model.num_params(), "val_unigram_bpb": meta["val_unigram_bpb"],
                "val_unigram_entropy": meta["val_unigram_entropy"]}
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(out, save, summary)

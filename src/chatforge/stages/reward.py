@@ -14,19 +14,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 
 from chatforge.config import Config, config_to_dict
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id, tokenize_conversation
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
+from chatforge.model.classifier import Classifier, load_trained_classifier, save_trained_classifier
 from chatforge.model.io import load_run_model
 from chatforge.model.lora import apply_lora
-from chatforge.stages.classify import Classifier, load_trained_classifier
-from chatforge.tokenizer import copy_tokenizer, load_tokenizer
+from chatforge.tokenizer import load_tokenizer
 from chatforge.train.device import pick_device
-from chatforge.train.distributed import is_main
-from chatforge.train.loop import Stage, train
+from chatforge.train.loop import Stage, finish_run, train
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -108,20 +106,14 @@ def run_reward(cfg: Config, init: str | Path, data: str | Path, val: str | Path,
     stage = Stage(name="rm", next_batch=lambda: [pairs[i] for i in sampler.next_indices()],
                   loss=lambda m, batch: bradley_terry_loss(*score_pairs(m, batch, pad_token, device),
                                                         cfg.reward.margin),
-                  tokens_per_batch=cfg.train.batch_size * 64, evaluate=lambda m: {"val_accuracy": accuracy(m)},
+                  tokens=lambda batch: sum(len(c) + len(r) for c, r in batch),
+                  evaluate=lambda m: {"val_accuracy": accuracy(m)},
                   data_state=sampler.state_dict, load_data_state=sampler.load_state_dict)
-    result = train(model, stage, cfg.train, out, config_to_dict(cfg), resume)
-    model.cpu()
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        save_model(model, str(out / "reward.safetensors"))
-        meta = {"model": config_to_dict(body.cfg), "lora": lora}
-        (out / "reward.json").write_text(json.dumps(meta, indent=2) + "\n")
-        copy_tokenizer(init, out)
+    result = train(model, stage, cfg, out, resume)
+    meta = {"model": config_to_dict(body.cfg), "lora": lora}
     summary = {"val_accuracy": result.get("val_accuracy"), "pairs": len(pairs), "val_pairs": len(val_pairs),
                "skipped": skipped}
-    if is_main():  # under torchrun, rank 0 writes the run folder
-        (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(out, lambda: save_trained_classifier(model.cpu(), out, "reward", meta, init), summary)
 
 def load_reward_model(run: str | Path) -> Classifier:
     run = Path(run)

@@ -4,30 +4,28 @@ reward model or a reward function), and per-token log-probabilities under a mode
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from chatforge.config import Config, RLConfig, config_to_dict
+from chatforge.config import Config
 from chatforge.data.chat import ExampleSampler, pad_batch, pad_id, tokenize_conversation
 from chatforge.data.readers import read_jsonl
 from chatforge.errors import ChatforgeError
 from chatforge.model.generate import Sampling, default_stop_ids, generate_batch
-from chatforge.model.io import load_run_model
+from chatforge.model.io import load_run_model, save_trained
+from chatforge.model.logprob import token_logprobs
 from chatforge.model.lora import apply_lora
 from chatforge.stages.reward import as_messages, load_reward_model
-from chatforge.stages.sft import save_trained
 from chatforge.tokenizer import decode, encode, load_tokenizer, render_chat
 from chatforge.train.device import pick_device
-from chatforge.train.distributed import is_main, mean_across_ranks, rank_world
-from chatforge.train.loop import Stage
+from chatforge.train.distributed import mean_across_ranks, rank_world
+from chatforge.train.loop import Stage, finish_run
 
 
 @dataclass
@@ -85,12 +83,12 @@ def same_tokenizer(run_a: str | Path, run_b: str | Path) -> None:
 
 
 @torch.no_grad()
-def sample_round(policy: torch.nn.Module, tok: Tokenizer, rows: list[dict], rl: RLConfig, seed: int) -> Round:
-    """`rl.group_size` replies to each row's prompt, sampled together in one batch."""
+def sample_round(policy: torch.nn.Module, tok: Tokenizer, rows: list[dict], s: Sampling, seed: int,
+                 group_size: int = 1) -> Round:
+    """`group_size` replies to each row's prompt, sampled with `s` together in one batch."""
     device = next(policy.parameters()).device
-    rows = [r for r in rows for _ in range(rl.group_size)]
+    rows = [r for r in rows for _ in range(group_size)]
     prompts = [prompt_ids(tok, r) for r in rows]
-    s = Sampling(temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens)
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = policy.training
     policy.eval()
@@ -106,22 +104,16 @@ def sample_round(policy: torch.nn.Module, tok: Tokenizer, rows: list[dict], rl: 
     return Round(rows=rows, texts=texts, sequences=x, mask=mask, ended=ended)
 
 
-def token_logprobs(model: torch.nn.Module, sequences: torch.Tensor, with_entropy: bool = False):
-    """log π(x_{t+1} | x≤t) for every target position (N, L-1); with `with_entropy`, also the policy's
-    entropy at each position."""
-    logits = model(sequences[:, :-1]).float()
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logp
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+def sequence_logprobs(model: torch.nn.Module, sequences: torch.Tensor, with_entropy: bool = False):
+    """log π(x_{t+1} | x≤t) at every position of whole sequences (N, L−1) (and the entropies)."""
+    return token_logprobs(model, sequences[:, :-1], sequences[:, 1:], with_entropy=with_entropy)
 
 
 @torch.no_grad()
 def batched_logprobs(model: torch.nn.Module, sequences: torch.Tensor, chunk: int = 64) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = torch.cat([token_logprobs(model, sequences[i : i + chunk]) for i in range(0, len(sequences), chunk)])
+    out = torch.cat([sequence_logprobs(model, sequences[i : i + chunk]) for i in range(0, len(sequences), chunk)])
     model.train(was_training)
     return out
 
@@ -249,6 +241,8 @@ class RLRun:
         for m in (self.policy, self.reference, self.reward_model):
             if m is not None:
                 m.to(self.device)
+        self.sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
+                                 max_new_tokens=self.rl.max_new_tokens)
         self.kl = AdaptiveKL(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
         self.sampler = ExampleSampler(len(self.rows), self.rl.prompts_per_rollout, cfg.train.seed)
         self.round: Round | None = None
@@ -263,7 +257,7 @@ class RLRun:
         rows = [self.rows[i] for i in self.sampler.next_indices()]
         # each round its own sampling stream, and under torchrun each rank its own
         seed = self.cfg.train.seed * 100003 + self.sampler.position + 7919 * rank_world()[0]
-        rnd = sample_round(self.policy, self.tok, rows, self.rl, seed)
+        rnd = sample_round(self.policy, self.tok, rows, self.sampling, seed, self.rl.group_size)
         rnd.scores = self.score(rnd) - self.rl.no_end_penalty * (~rnd.ended).float()
         rnd.old_logp = batched_logprobs(self.policy, rnd.sequences)
         rnd.ref_logp = batched_logprobs(self.reference, rnd.sequences)
@@ -294,13 +288,11 @@ class RLRun:
 
         def step_loss(m: torch.nn.Module, batch: tuple[Round, torch.Tensor]) -> torch.Tensor:
             rnd, idx = batch
-            # tokens/s and MFU count the (padded) sequences this minibatch trains on, over all ranks
-            stage.tokens_per_batch = rnd.sequences[idx].numel() * rank_world()[1]
             value, self.step_stats = loss(m, rnd, idx)
             return value
 
         stage = Stage(name=self.name, next_batch=next_batch, loss=step_loss,
-                      tokens_per_batch=self.cfg.train.batch_size * (self.rl.max_new_tokens + 40),
+                      tokens=lambda batch: batch[0].sequences[batch[1]].numel(),  # padded: what it computes
                       evaluate=self.evaluate if self.val_rows else None,
                       data_state=self.data_state, load_data_state=self.load_data_state,
                       metrics=lambda: {**self.round_stats, **self.step_stats}, ddp_wrap=False)
@@ -318,18 +310,13 @@ class RLRun:
     def evaluate(self, _model: torch.nn.Module) -> dict:
         """Held-out prompts: the mean reward of greedy replies, and the KL (nats per reply) of sampled
         replies to the reference."""
-        options = config_to_dict(self.rl) | {"group_size": 1}
-        greedy = sample_round(self.policy, self.tok, self.val_rows, RLConfig(**options | {"temperature": 0.0}), seed=0)
-        sampled = sample_round(self.policy, self.tok, self.val_rows, RLConfig(**options), seed=0)
+        greedy = sample_round(self.policy, self.tok, self.val_rows, replace(self.sampling, temperature=0.0), seed=0)
+        sampled = sample_round(self.policy, self.tok, self.val_rows, self.sampling, seed=0)
         kl = ((batched_logprobs(self.policy, sampled.sequences) - batched_logprobs(self.reference, sampled.sequences))
               * sampled.mask).sum(-1).mean().item()
         return {"val_reward": self.score(greedy).mean().item(), "val_end_rate": greedy.ended.float().mean().item(),
                 "val_kl": kl}
 
     def finish(self, out: Path, result: dict) -> dict:
-        if is_main():  # under torchrun, rank 0 writes the run folder
-            save_trained(self.policy, self.cfg, self.init, out, self.name)
         summary = {**result, "prompts": len(self.rows), "kl_coef": self.kl.coef}
-        if is_main():  # under torchrun, rank 0 writes the run folder
-            (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        return finish_run(out, lambda: save_trained(self.policy, self.cfg.lora, self.init, out, self.name), summary)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chatforge.config import TrainConfig, config_differences, dump_toml
+from chatforge.config import Config, TrainConfig, config_differences, config_to_dict, dump_toml
 from chatforge.errors import ChatforgeError
 from chatforge.train import distributed as dist
 from chatforge.train.checkpoint import full_model_state, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -35,7 +35,7 @@ class Stage:
     name: str
     next_batch: Callable[[], object]  # one micro-batch of training data
     loss: Callable[[torch.nn.Module, object], torch.Tensor]  # the loss of that batch
-    tokens_per_batch: int  # for tokens/s and MFU
+    tokens: Callable[[object], int]  # the tokens one micro-batch trains on, on this rank: tokens/s and MFU
     evaluate: Callable[[torch.nn.Module], dict] | None = None  # held-out numbers
     data_state: Callable[[], dict] = field(default=lambda: {})  # the data position, to checkpoint
     load_data_state: Callable[[dict], None] = field(default=lambda state: None)
@@ -99,10 +99,11 @@ def check_resume_config(run_dir: Path, config: dict) -> None:
         )
 
 
-def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str | Path, config: dict,
+def train(model: torch.nn.Module, stage: Stage, config: Config, run_dir: str | Path,
           resume: str | None = None) -> dict:
     """Train `model` on `stage` for cfg.steps optimizer steps; returns the last evaluation's numbers.
     Under torchrun with train.parallel=ddp|fsdp every rank runs this; rank 0 logs and writes files."""
+    cfg, saved = config.train, config_to_dict(config)  # saved: the whole config, as config.toml keeps it
     run_dir = Path(run_dir)
     if resume is None and (run_dir / "checkpoints").exists():  # every stage: never overwrite a run
         raise ChatforgeError(f"{run_dir}: a run is already here; continue it with --resume or choose another --out")
@@ -129,7 +130,7 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
     optimizer = build_optimizer(trained, cfg, device)
     step = 0
     if resume is not None:
-        check_resume_config(run_dir, config)
+        check_resume_config(run_dir, saved)
         meta = load_checkpoint(resolve_checkpoint(run_dir, resume), trained, optimizer)
         step = meta["step"]
         stage.load_data_state(meta["data"])
@@ -139,7 +140,7 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
     if cfg.parallel == "ddp" and stage.ddp_wrap:
         forward = dist.wrap(model, "ddp", device, dtype)
     if main:
-        (run_dir / "config.toml").write_text(dump_toml(config))
+        (run_dir / "config.toml").write_text(dump_toml(saved))
     forward = torch.compile(forward) if use_compile(cfg.compile, device) else forward
     log = MetricsLog(run_dir, step if resume is not None else None) if main else None
     peak = peak_matmul_flops(device, dtype) * world
@@ -168,11 +169,15 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
             lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum, tokens, batch_s = 0.0, 0, 0.0
             for micro in range(cfg.grad_accum):
                 with dist.gradient_sync(forward, cfg.parallel if stage.ddp_wrap else "none",
                                         micro == cfg.grad_accum - 1), autocast(device, step_dtype):
-                    loss = stage.loss(forward, stage.next_batch()) / cfg.grad_accum
+                    t_batch = time.perf_counter()
+                    batch = stage.next_batch()  # RL: sampling a new round of rollouts, on the steps that start one
+                    batch_s += time.perf_counter() - t_batch
+                    tokens += stage.tokens(batch)
+                    loss = stage.loss(forward, batch) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
             if cfg.parallel == "ddp" and not stage.ddp_wrap:
@@ -196,9 +201,10 @@ def train(model: torch.nn.Module, stage: Stage, cfg: TrainConfig, run_dir: str |
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            tokens_per_s = stage.tokens_per_batch * cfg.grad_accum / dt  # the global batch's tokens
-            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": tokens_per_s, "mfu": flops_per_token * tokens_per_s / peak, **stage.metrics()}
+            # the update's speed: the global batch's tokens over the step's time less the time its batches took
+            tokens_per_s = tokens * dist.rank_world()[1] / max(dt - batch_s, 1e-9)
+            record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                      "mfu": flops_per_token * tokens_per_s / peak, "batch_s": batch_s, **stage.metrics()}
             if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 trained.eval()
                 with torch.no_grad(), autocast(device, step_dtype):
@@ -245,3 +251,12 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
     for block in dist.blocks_of(model):
         forward = type(block).forward.__get__(block)  # the class's forward, bound to this block
         block.forward = lambda *args, _f=forward: checkpoint(_f, *args, use_reentrant=False)
+
+
+def finish_run(out: Path, save: Callable[[], None], summary: dict) -> dict:
+    """How every stage ends: rank 0 (under torchrun) writes the trained weights (`save`), then eval.json,
+    last, so a run folder with eval.json is complete. Returns `summary`."""
+    if dist.is_main():
+        save()
+        (Path(out) / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
