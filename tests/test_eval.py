@@ -125,6 +125,30 @@ def test_eval_of_one_run_from_the_command_line(pretrained, data_dir, capsys):
     assert "nothing to measure" in capsys.readouterr().err
 
 
+def test_eval_judges_the_replies_with_a_users_own_task(sft_run, tasks, tmp_path, monkeypatch, capsys):
+    """`chatforge eval --task module:function --group FIELD`: a task plugs in as a reward does, and its
+    success is split by the field; the numbers are evaluate_task's with that task."""
+    from chatforge.eval.suite import heldout_sample
+    from chatforge.eval.task import Task, evaluate_task, load_task
+
+    (tmp_path / "mytask.py").write_text("def short(row, reply):\n    return len(reply.split()) <= 6\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = str(tasks / "prompts_heldout.jsonl")
+    main(["eval", "--run", str(sft_run[0]), "--prompts", prompts, "--n-prompts", "24", "--task", "mytask:short",
+          "--group", "kind"])
+    printed = dict(line.split()[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("eval: "))
+    import mytask
+
+    want = evaluate_task(load_run_model(sft_run[0]), load_tokenizer(sft_run[0]), heldout_sample(prompts, 24),
+                         Task(mytask.short, lambda row: row["kind"]))
+    for key in ("success", "success_en", "success_zh"):
+        assert float(printed[key]) == pytest.approx(want[key], abs=1e-4), key
+    assert load_task("chatforge.tasks.verse:TASK").group({"kind": "zh"}) == "zh"
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", str(sft_run[0]), "--prompts", prompts, "--task", "mytask:nothing"])
+    assert e.value.code == 2 and "not a Task or a function" in capsys.readouterr().err
+
+
 def test_demo_stages_are_skipped_when_complete_and_resumed_when_interrupted(tmp_path):
     calls = []
 
@@ -226,10 +250,10 @@ def test_evaluate_task_reports_the_reward_models_auc_on_its_own_replies(sft_run,
     model, tok = load_run_model(sft_run[0]), load_tokenizer(sft_run[0])
     scorer = Classifier(load_run_model(sft_run[0]), 1).eval()
     rows = task.load_prompts(str(tasks / "prompts_heldout.jsonl"))[:48]
-    e = task.evaluate_task(model, tok, rows, reward_model=scorer, max_new_tokens=48, checker=even_length)
+    e = task.evaluate_task(model, tok, rows, task.Task(even_length), reward_model=scorer, max_new_tokens=48)
     assert len(e["scores"]) == len(rows) and 0 < e["success"] < 1
     rnd = task.sample_round(model, tok, rows, task.Sampling(temperature=0.0, max_new_tokens=48), 0)  # greedy: the same
     oks = [bool(done) and even_length(r, t) for r, t, done in zip(rnd.rows, rnd.texts, rnd.ended.tolist(), strict=True)]
     assert [s["reply"] for s in e["samples"]] == rnd.texts[: len(e["samples"])] and sum(oks) / len(rows) == e["success"]
     assert e["rm_auc"] == task.ranking_auc(e["scores"].tolist(), oks) and 0.0 <= e["rm_auc"] <= 1.0
-    assert "rm_auc" not in task.evaluate_task(model, tok, rows[:8], max_new_tokens=48)
+    assert "rm_auc" not in task.evaluate_task(model, tok, rows[:8], task.Task(even_length), max_new_tokens=48)

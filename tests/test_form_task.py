@@ -60,7 +60,7 @@ def test_distinct_2_falls_when_replies_collapse_to_one_template():
 
 
 def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
-    from chatforge.eval.task import pass_at_k, ranking_auc
+    from chatforge.eval.task import Task, pass_at_k, ranking_auc
     from chatforge.model.io import load_run_model
     from chatforge.stages.rollout import load_prompt_rows
     from chatforge.tokenizer import load_tokenizer
@@ -72,7 +72,7 @@ def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
     from chatforge.model.classifier import Classifier
 
     scorer = Classifier(judge, 1).eval()
-    out = pass_at_k(load_run_model(sft_run[0]), tok, rows, k=4, max_new_tokens=16, checker=short,
+    out = pass_at_k(load_run_model(sft_run[0]), tok, rows, Task(short), k=4, max_new_tokens=16,
                     reward_model=scorer, more_reward_models={"again": scorer})
     verdicts = out["verdicts"]
     assert len(verdicts) == len(out["scores"]) == 24
@@ -82,18 +82,20 @@ def test_pass_at_k_counts_a_prompt_once_any_sample_succeeds(sft_run, tasks):
     assert out["again_auc"] == out["rm_auc"]  # a second reward model ranks the same samples
 
 
-def test_evaluate_task_reports_each_language_of_a_task_whose_kind_has_a_prefix(sft_run, tasks):
-    """The form task's rows say "form_en" / "form_zh": success by language must still be reported."""
-    from chatforge.eval.task import evaluate_task
+def test_evaluate_task_reports_each_group_of_a_task(sft_run, tasks):
+    """A task's `group` splits its success: the form task's rows say "form_en" / "form_zh", and its group
+    reads the language out of that."""
+    from chatforge.eval.task import Task, evaluate_task
     from chatforge.model.io import load_run_model
     from chatforge.stages.rollout import load_prompt_rows
+    from chatforge.tasks.form import TASK
     from chatforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer(sft_run[0])
     rows = load_prompt_rows(tasks / "prompts_heldout.jsonl", tok, 40)[:6]  # evaluate_task keeps 6 samples
     rows = [r | {"kind": "form_en" if i % 2 else "form_zh"} for i, r in enumerate(rows)]
     even = lambda row, reply: len(reply) % 2 == 0  # noqa: E731
-    out = evaluate_task(load_run_model(sft_run[0]), tok, rows, max_new_tokens=16, checker=even)
+    out = evaluate_task(load_run_model(sft_run[0]), tok, rows, Task(even, TASK.group), max_new_tokens=16)
     oks = [bool(s["ok"]) for s in out["samples"]]
     assert out["success_en"] == sum(oks[1::2]) / 3 and out["success_zh"] == sum(oks[0::2]) / 3
     assert out["success"] == sum(oks) / 6

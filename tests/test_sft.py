@@ -15,7 +15,7 @@ from chatforge.model.io import load_run_model
 from chatforge.model.lora import LoRAConfig, apply_lora, merge_lora
 from chatforge.stages.classify import confusion, load_classifier, load_labelled, predict, run_classify
 from chatforge.stages.sft import run_sft
-from chatforge.tasks.verse import check, corpus_lines
+from chatforge.tasks.verse import TASK, check, corpus_lines
 from chatforge.tokenizer import load_tokenizer
 from conftest import DEMO_CORPUS, REPO, learning_config, sft_config
 
@@ -69,8 +69,8 @@ def test_copy_rows_rl_prompts_and_rl_pairs_never_ask_for_a_held_out_keyword(task
 def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks, measured):
     rows = load_prompts(tasks / "prompts_heldout.jsonl")[:40]
     tok = load_tokenizer(sft_run[0])
-    base = evaluate_task(load_run_model(pretrained[0]), tok, rows, max_new_tokens=32)
-    sft = evaluate_task(load_run_model(sft_run[0]), tok, rows, max_new_tokens=32)
+    base = evaluate_task(load_run_model(pretrained[0]), tok, rows, TASK, max_new_tokens=32)
+    sft = evaluate_task(load_run_model(sft_run[0]), tok, rows, TASK, max_new_tokens=32)
     assert measured("sft_end_rate", sft["end_rate"]) >= 0.95 and measured("base_end_rate", base["end_rate"]) <= 0.5
     assert measured("sft_minus_base_success", sft["success"] - base["success"]) >= 0
     assert measured("sft_val_loss", sft_run[1]["val_loss"]) < 6.0  # on held-out keywords' answers

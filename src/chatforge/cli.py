@@ -61,21 +61,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
               system=args.system, compile=args.compile)
 
 
-def score_on_task(stage: str, prompts: str, runs: dict[str, str]) -> dict:
-    """Held-out demo-task constraint success and end-token rate of each named run, printed and returned."""
-    from chatforge.eval.task import evaluate_task, load_prompts
-    from chatforge.model.io import load_run_model
-    from chatforge.tokenizer import load_tokenizer
-
-    rows, numbers = load_prompts(prompts), {}
-    for name, run in runs.items():
-        e = evaluate_task(load_run_model(run), load_tokenizer(run), rows)
-        numbers[f"{name}_success"], numbers[f"{name}_end_rate"] = e["success"], e["end_rate"]
-        print(f"{stage}: {name} model on {e['n']} held-out prompts: constraint success {e['success']:.1%}, "
-              f"ends with <|im_end|> {e['end_rate']:.1%}")
-    return numbers
-
-
 def cmd_sft(args: argparse.Namespace) -> None:
     from chatforge.config import load_config
     from chatforge.stages.sft import run_sft
@@ -83,8 +68,6 @@ def cmd_sft(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     t = time.perf_counter()
     result = run_sft(cfg, args.init, args.data, args.out, args.val, resume_point(args))
-    if args.prompts:
-        result |= score_on_task("sft", args.prompts, {"base": args.init, "sft": args.out})
     print(f"sft: {result.get('val_loss', float('nan')):.3f} val loss on assistant tokens, "
           f"{result['trainable_params']:,} trainable params, {time.perf_counter() - t:.0f}s -> {args.out}")
 
@@ -171,8 +154,6 @@ def cmd_rl(args: argparse.Namespace) -> None:
         from chatforge.stages.grpo import run_grpo
 
         result = run_grpo(cfg, args.init, args.prompts, args.out, reward_run, args.val, resume_point(args))
-    if args.task_prompts:
-        score_on_task(args.command, args.task_prompts, {"start": args.init, args.command: args.out})
     numbers = ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k.startswith("val_") and isinstance(v, float))
     print(f"{args.command}: {numbers or 'done'}, {time.perf_counter() - t:.0f}s -> {args.out}")
 
@@ -270,7 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="run folder of the model to start from (e.g. runs/demo/pretrain)")
     p.add_argument("--data", required=True, help="training conversations, .jsonl")
     p.add_argument("--val", help="held-out conversations, .jsonl (val loss on assistant tokens)")
-    p.add_argument("--prompts", help="held-out task prompts, .jsonl: score base and SFT models after training")
     add_run_flags(p, "configs/demo-sft.toml", "runs/default/sft")
     p.set_defaults(func=cmd_sft)
 
@@ -342,7 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reference", help="the frozen reference of the KL penalty, if not --init: the SFT "
                                                "model, when --init is an earlier PPO run (iterated RLHF)")
         p.add_argument("--val", help="held-out prompts, .jsonl: mean reward and KL to the reference while training")
-        p.add_argument("--task-prompts", help="held-out demo-task prompts: constraint success before and after")
         add_run_flags(p, f"configs/demo-{name}.toml", f"runs/default/{name}")
         p.set_defaults(func=cmd_rl)
 

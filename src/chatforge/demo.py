@@ -25,7 +25,7 @@ from chatforge.stages.classify import run_classify
 from chatforge.stages.pretrain import run_pretrain
 from chatforge.stages.reward import run_reward
 from chatforge.stages.sft import run_sft
-from chatforge.tasks.verse import build_source_labels, build_tasks
+from chatforge.tasks.verse import TASK, build_source_labels, build_tasks
 from chatforge.tokenizer import cjk_coverage, load_tokenizer, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def run_copy(out: Path, tasks: Path, resume: str | None) -> None:
     result = json.loads((out / "copy" / "eval.json").read_text())
     samples, exact = [], 0.0
     for lang in ("en", "zh"):
-        scored = evaluate_task(model, tok, [r for r in rows if r.get("lang") == lang], max_new_tokens=64)
+        scored = evaluate_task(model, tok, [r for r in rows if r.get("lang") == lang], TASK, max_new_tokens=64)
         result[f"copy_exact_{lang}"] = scored["success"]
         exact += scored["success"] * scored["n"] / len(rows)
         samples += scored["samples"]

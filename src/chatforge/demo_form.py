@@ -25,7 +25,7 @@ from pathlib import Path
 from chatforge.config import load_config
 from chatforge.eval.task import best_of_n, evaluate_task, pass_at_k
 from chatforge.model.io import load_run_model
-from chatforge.tasks.form import build_form_tasks, check
+from chatforge.tasks.form import TASK, build_form_tasks
 from chatforge.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,12 +74,12 @@ def measure(run: Path, rows: list[dict], reward_model=None, seed: int = 0, k: in
     plot and what PPO optimises), pass@8 when k ≥ 8, and with a reward model its AUC on them and their
     scores and verdicts (for best-of-n); `more_reward_models` rank the same samples ("{name}_auc")."""
     model, tok = load_run_model(run), load_tokenizer(run)
-    greedy = evaluate_task(model, tok, rows, max_new_tokens=40, checker=check)
+    greedy = evaluate_task(model, tok, rows, TASK, max_new_tokens=40)
     out = {"greedy": greedy["success"], "greedy_en": greedy["success_en"], "greedy_zh": greedy["success_zh"],
            "samples": greedy["samples"]}
     if k:
-        sampled = pass_at_k(model, tok, rows, k=k, max_new_tokens=40, checker=check, reward_model=reward_model,
-                            seed=seed, more_reward_models=more_reward_models)
+        sampled = pass_at_k(model, tok, rows, TASK, k=k, max_new_tokens=40, reward_model=reward_model, seed=seed,
+                            more_reward_models=more_reward_models)
         if k >= 8:
             verdicts = sampled["verdicts"]
             sampled["pass_at_8"] = sum(any(verdicts[i : i + 8]) for i in range(0, len(rows) * k, k)) / len(rows)

@@ -26,6 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers.items() if isinstance(v, float)))
         print(f"eval: -> {args.run}/eval.json")
         return
+    from chatforge.eval.task import load_task
     from chatforge.stages.reward import load_reward_model
 
     suite.require_policy(args.run)
@@ -44,8 +45,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if not (rm is not None and prompts):
             raise ChatforgeError("--against needs --reward (a reward-model run) and --prompts (held-out prompts)")
         suite.require_policy(args.against, "--against")
-        against = suite.evaluate_policy(args.against, prompts=prompts, reward_model=rm)["scores"]
-    numbers = suite.evaluate_policy(args.run, args.data, args.text, prompts, choices, harm_prompts, rm, against)
+        against = suite.evaluate_policy(args.against, prompts=prompts, reward_model=rm,
+                                        task=load_task(args.task, args.group))["scores"]
+    numbers = suite.evaluate_policy(args.run, args.data, args.text, prompts, choices, harm_prompts, rm, against,
+                                    load_task(args.task, args.group))
     numbers.pop("scores", None)
     for reply in numbers.pop("samples", [])[:3]:
         print(f"   reply: {reply!r}")
@@ -62,7 +65,13 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--run", required=True, help="a policy run folder, or a folder of runs such as runs/demo")
     p.add_argument("--data", help="prepared shards (chatforge prepare): bits per byte on their val split")
     p.add_argument("--text", nargs="+", help="held-out text files (.txt, .jsonl, .parquet): bits per byte")
-    p.add_argument("--prompts", help="held-out task prompts .jsonl: constraint success and end-token rate")
+    p.add_argument("--prompts", help="held-out task prompts .jsonl: the task's success and the end-token rate")
+    p.add_argument("--task", default="chatforge.tasks.verse:TASK",
+                   help="what judges the replies to --prompts: module:NAME of a Task or of a function(row, reply) -> "
+                   "bool (default chatforge.tasks.verse:TASK, the demo's; chatforge.tasks.form:TASK, the alignment "
+                   "part's)")
+    p.add_argument("--group", metavar="FIELD", help="with a function as --task: also report success by the value "
+                   "of this field of the prompt rows (success_VALUE)")
     p.add_argument("--n-prompts", type=int, default=TASK_PROMPTS,
                    help=f"at most this many of --prompts, a seeded sample (default {TASK_PROMPTS}: all of the demo's)")
     p.add_argument("--choices", help="multiple choice .jsonl {question, choices, answer}: accuracy by "

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from chatforge.errors import ChatforgeError
 from chatforge.layout import MODEL_FOLDERS, TASK_PROMPTS
+
+if TYPE_CHECKING:
+    from chatforge.eval.task import Task
 
 REPO = Path(__file__).resolve().parents[3]
 BENCH = REPO / "data" / "bench" / "wordnet_gloss.jsonl"
@@ -56,10 +60,12 @@ def require_policy(folder: str | Path, role: str = "--run") -> None:
 def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[str] | None = None,
                     prompts: list[dict] | None = None, choices: list[dict] | None = None,
                     harm_prompts: list[dict] | None = None, reward_model: torch.nn.Module | None = None,
-                    against_scores: torch.Tensor | None = None) -> dict:
-    """The held-out numbers of one policy run; each part runs only when its input is given."""
+                    against_scores: torch.Tensor | None = None, task: Task | None = None) -> dict:
+    """The held-out numbers of one policy run; each part runs only when its input is given. `task` judges
+    the replies to `prompts` (the demo's verse task unless given)."""
     from chatforge.eval.task import evaluate_task
     from chatforge.model.io import load_run_model
+    from chatforge.tasks import verse
     from chatforge.tokenizer import load_tokenizer
 
     require_policy(run)
@@ -74,7 +80,7 @@ def evaluate_policy(run: str | Path, data: str | Path | None = None, text: list[
 
         out["text_bpb"] = bpb_on_text(model, tok, text)["bpb"]
     if prompts:
-        e = evaluate_task(model, tok, prompts, reward_model=reward_model)  # one set of replies for both
+        e = evaluate_task(model, tok, prompts, task or verse.TASK, reward_model=reward_model)  # one set for both
         out.update({k: v for k, v in e.items() if k.startswith("success")}, end_rate=e["end_rate"], task_prompts=e["n"])
         out["samples"] = [s["reply"] for s in e["samples"][:SAMPLES]]
         if reward_model is not None:

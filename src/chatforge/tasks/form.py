@@ -25,6 +25,7 @@ import random
 import re
 from pathlib import Path
 
+from chatforge.eval.task import Task
 from chatforge.tasks.verse import CJK, ZH_NAMES, _held_out, corpus_lines
 
 PROMPT = 'Write a line that begins with the word "{kw}" and ends with {mark}.'
@@ -59,6 +60,11 @@ def chinese_lines_with_marks(corpus: str | Path) -> list[str]:
 def reward(prompt: str, response: str, **row) -> float:
     """`check` as a reward function (`chatforge.tasks.form:reward`): 1 or 0."""
     return float(check(row, response))
+
+
+# the alignment part's task, as `chatforge eval --task chatforge.tasks.form:TASK` finds it; grouped by
+# language ("form_en" -> "en")
+TASK = Task(check, lambda row: row["kind"].removeprefix("form_"))
 
 
 def build_form_tasks(corpus: str | Path, out: str | Path, demos: int = 1, held_out_fraction: float = 0.2,

@@ -19,6 +19,8 @@ import random
 import re
 from pathlib import Path
 
+from chatforge.eval.task import Task
+
 CJK = re.compile(r"[\u4e00-\u9fff]")
 WORD = re.compile(r"[a-z]+")
 EN_PROMPT = 'Write a line that begins with the word "{kw}".'
@@ -73,6 +75,15 @@ def reward(prompt: str, response: str, **row) -> float:
     """The checker as a reward function for `rl.reward=chatforge.tasks.verse:reward`: 1 if the reply
     meets the prompt's constraint, else 0."""
     return float(check({"prompt": prompt, **row}, response))
+
+
+def language(row: dict) -> str:
+    """The group a row's success also counts in: "en" or "zh" (the copy phase's rows carry "lang")."""
+    return row.get("lang") or row["kind"]
+
+
+# the demo's task, as `chatforge eval --task chatforge.tasks.verse:TASK` (the default) finds it
+TASK = Task(check, language)
 
 
 def corpus_lines(corpus: str | Path) -> tuple[list[str], list[str]]:
