@@ -30,6 +30,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from chatforge.stages.reward import load_reward_model
 
     suite.require_policy(args.run)
+    task = load_task(args.task, args.group)  # a wrong name fails here, before any model is loaded
     against, choices, harm_prompts = None, None, None
     if args.choices:
         from chatforge.eval.choice import load_choices
@@ -46,9 +47,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             raise ChatforgeError("--against needs --reward (a reward-model run) and --prompts (held-out prompts)")
         suite.require_policy(args.against, "--against")
         against = suite.evaluate_policy(args.against, prompts=prompts, reward_model=rm,
-                                        task=load_task(args.task, args.group))["scores"]
+                                        task=task)["scores"]
     numbers = suite.evaluate_policy(args.run, args.data, args.text, prompts, choices, harm_prompts, rm, against,
-                                    load_task(args.task, args.group))
+                                    task)
     numbers.pop("scores", None)
     for reply in numbers.pop("samples", [])[:3]:
         print(f"   reply: {reply!r}")
