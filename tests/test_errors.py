@@ -16,6 +16,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     return exit_info.value.code, capsys.readouterr().err
 
 
+@pytest.mark.smoke
 def test_missing_file_exits_2_without_traceback(capsys, tmp_path):
     code, err = run_cli(capsys, "tokenizer", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "t"))
     assert code == 2 and "nope.txt: no such file" in err and "Traceback" not in err
@@ -68,6 +69,7 @@ def test_resume_without_checkpoint(capsys, data_dir, tmp_path):
     assert code == 2 and "no checkpoint to resume from" in err
 
 
+@pytest.mark.smoke
 def test_generate_streams_from_the_cli(capsys, pretrained):
     main(["generate", "--run", str(pretrained[0]), "--prompt", "And God said", "--max-new-tokens", "12",
           "--temperature", "0", "--stop", "NEVER-APPEARS"])

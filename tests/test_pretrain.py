@@ -16,6 +16,7 @@ from conftest import REPO, tiny_config
 
 
 @pytest.mark.learning
+@pytest.mark.smoke
 def test_pretraining_beats_the_unigram_baseline_on_held_out_text(pretrained, measured):
     run, result = pretrained
     # the best context-free model scores the val split's unigram entropy (ratio 1); a language model must do far
@@ -29,6 +30,7 @@ def test_pretraining_beats_the_unigram_baseline_on_held_out_text(pretrained, mea
     assert list((run / "tensorboard").iterdir())
 
 
+@pytest.mark.smoke
 def test_pretrained_model_generates_from_its_run_folder(pretrained):
     run, _ = pretrained
     model, tok = load_run_model(run), load_tokenizer(run)

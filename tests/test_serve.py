@@ -163,6 +163,7 @@ def client(url: str, key: str = "test-key") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
+@pytest.mark.smoke
 def test_openai_client_plain_streamed_multiturn(live_server):
     c = client(live_server)
     assert {m.id for m in c.models.list().data} == {"base", "sft"}

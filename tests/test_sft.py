@@ -66,6 +66,7 @@ def test_copy_rows_rl_prompts_and_rl_pairs_never_ask_for_a_held_out_keyword(task
 
 
 @pytest.mark.learning
+@pytest.mark.smoke
 def test_sft_model_ends_its_replies_and_the_base_model_does_not(pretrained, sft_run, tasks, measured):
     rows = load_prompts(tasks / "prompts_heldout.jsonl")[:40]
     tok = load_tokenizer(sft_run[0])
@@ -136,6 +137,7 @@ def test_a_lora_classifier_loads_back_as_trained_and_a_finished_run_is_never_ove
         run_classify(cfg, pretrained[0], tasks / "classify_train.jsonl", tasks / "classify_val.jsonl", out)
 
 
+@pytest.mark.smoke
 def test_chat_repl_commands_and_multi_turn(sft_run):
     model, tok = load_run_model(sft_run[0]), load_tokenizer(sft_run[0])
     inputs = iter(["Write a line that begins with the word \"Love\".", "/system Be brief.", "写一句诗", "/bogus",

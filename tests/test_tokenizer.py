@@ -24,6 +24,7 @@ def test_round_trip_any_unicode(tokenizer_dir, text):
     assert decode(tok, encode(tok, text)) == text
 
 
+@pytest.mark.smoke
 def test_chinese_and_english_compress(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     for text in ["床前明月光，疑是地上霜。", "And God said, Let there be light: and there was light."]:
@@ -121,6 +122,7 @@ def byte_token_ids(tok, text: str) -> list[int]:
     return [tok.token_to_id(table[b]) for b in text.encode("utf-8")]
 
 
+@pytest.mark.smoke
 def test_streaming_never_emits_half_a_chinese_character(tokenizer_dir, monkeypatch):
     import chatforge.model.generate as gen
 
