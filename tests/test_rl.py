@@ -125,6 +125,20 @@ def test_adaptive_kl_moves_towards_its_target_by_at_most_the_clip():
     assert explained_variance(torch.zeros_like(returns) + returns.mean(), returns, mask) == pytest.approx(0.0)
 
 
+
+def test_kl_per_score_std_scales_beta_once_by_the_first_rounds_spread():
+    ctl = AdaptiveKL(0.01, target=0.0, horizon=100, per_score_std=True)
+    ctl.scale(4.0)  # first round: scores with std 4 -> β = 0.04
+    ctl.scale(2.0)  # later rounds leave it
+    assert ctl.coef == pytest.approx(0.04) and not ctl.unscaled
+    for odd in (0.0, float("nan")):  # all rewards alike: β as given, not 0 or NaN
+        flat = AdaptiveKL(0.01, target=0.0, horizon=100, per_score_std=True)
+        flat.scale(odd)
+        assert flat.coef == 0.01 and not flat.unscaled
+    plain = AdaptiveKL(0.01, target=0.0, horizon=100)
+    plain.scale(4.0)
+    assert plain.coef == 0.01
+
 def file_digest(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -87,6 +87,7 @@ class RLConfig:
     kl_coef: float = 0.05  # β of the KL penalty to the reference (the starting model)
     kl_target: float = 0.0  # > 0: adapt β so the KL stays near this (Ziegler et al., 2019); 0: fixed β
     kl_horizon: int = 10000  # adaptive β's time constant, in replies
+    kl_per_score_std: bool = False  # β in units of the first round's score spread: β σ (AdaptiveKL.scale)
     no_end_penalty: float = 1.0  # subtracted from the score of a reply that never emits <|im_end|>
     gamma: float = 1.0  # PPO: discount
     lam: float = 0.95  # PPO: GAE λ

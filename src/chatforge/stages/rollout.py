@@ -201,10 +201,17 @@ def minibatches(n: int, size: int, epochs: int, seed: int) -> list[torch.Tensor]
 
 class AdaptiveKL:
     """β ← β (1 + K_β e), e = clip(KL/KL_target − 1, ±0.2), K_β = replies/horizon (Ziegler et al., 2019, §2.2).
-    With no target, β stays fixed."""
+    With no target, β stays fixed. With `per_score_std`, β is in units of the reward's spread: the first
+    round multiplies it by the std of its scores, so how far the policy may go from the reference does not
+    depend on a reward model's scale, which Bradley-Terry leaves to its training (σ 3.7 to 6.8 over six demo runs)."""
 
-    def __init__(self, coef: float, target: float, horizon: int):
-        self.coef, self.target, self.horizon = coef, target, horizon
+    def __init__(self, coef: float, target: float, horizon: int, per_score_std: bool = False):
+        self.coef, self.target, self.horizon, self.unscaled = coef, target, horizon, per_score_std
+
+    def scale(self, score_std: float) -> None:
+        if self.unscaled and math.isfinite(score_std) and score_std > 0:  # all alike (σ = 0): β as given
+            self.coef = self.coef * score_std
+        self.unscaled = False
 
     def update(self, kl: float, replies: int) -> None:
         if self.target > 0:
@@ -243,7 +250,7 @@ class RLRun:
                 m.to(self.device)
         self.sampling = Sampling(temperature=self.rl.temperature, top_p=self.rl.top_p,
                                  max_new_tokens=self.rl.max_new_tokens)
-        self.kl = AdaptiveKL(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon)
+        self.kl = AdaptiveKL(self.rl.kl_coef, self.rl.kl_target, self.rl.kl_horizon, self.rl.kl_per_score_std)
         self.sampler = ExampleSampler(len(self.rows), self.rl.prompts_per_rollout, cfg.train.seed)
         self.round: Round | None = None
         self.batches: list[torch.Tensor] = []
@@ -270,6 +277,8 @@ class RLRun:
         def next_batch() -> tuple[Round, torch.Tensor]:
             if not self.batches:
                 self.round = self.sample()
+                if self.kl.unscaled:  # rl.kl_per_score_std: β σ, from the first round's scores
+                    self.kl.scale(mean_across_ranks(self.round.scores.std().item()))
                 kl = ((self.round.old_logp - self.round.ref_logp) * self.round.mask).sum(-1).mean().item()
                 kl = mean_across_ranks(kl)  # every rank adapts the KL coefficient the same way
                 reward = mean_across_ranks(self.round.scores.mean().item())
@@ -299,12 +308,12 @@ class RLRun:
         return stage
 
     def data_state(self) -> dict:
-        return {**self.sampler.state_dict(), "kl_coef": self.kl.coef}
+        return {**self.sampler.state_dict(), "kl_coef": self.kl.coef, "kl_unscaled": self.kl.unscaled}
 
     def load_data_state(self, state: dict) -> None:
         """On resume a fresh round is sampled, by the restored policy, from where the prompts had got to."""
         self.sampler.load_state_dict(state)
-        self.kl.coef = float(state["kl_coef"])
+        self.kl.coef, self.kl.unscaled = float(state["kl_coef"]), bool(state.get("kl_unscaled", False))
         self.batches = []
 
     def evaluate(self, _model: torch.nn.Module) -> dict:
