@@ -4,8 +4,9 @@
 # Python: the newest of 3.13, 3.12 and 3.11 on the PATH, into .venv. `make test PYTHON=python3.12` uses that one
 # instead, in its own folder (.venv-3.12), so several versions live side by side.
 SUPPORTED := python3.13 python3.12 python3.11
+FOUND := $(foreach p,$(SUPPORTED),$(shell $(p) -c "import venv; print('$(p)')" 2>/dev/null))
 ifeq ($(origin PYTHON),undefined)
-PYTHON := $(firstword $(foreach p,$(SUPPORTED),$(shell $(p) -c "import venv; print('$(p)')" 2>/dev/null)))
+PYTHON := $(firstword $(FOUND))
 VENV ?= .venv
 endif
 ifeq ($(PYTHON),)
@@ -23,12 +24,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: setup demo test test-slow test-avx2 smoke lint bench clean
+.PHONY: setup demo test test-slow test-avx2 smoke pythons lint bench clean
 
 # A venv of another Python in the same folder is replaced, not patched.
 $(STAMP): pyproject.toml
-	@echo "chatforge: Python $(PYVER) ($(PYTHON)) in $(VENV)"
-	@$(PY) -c "import sys; sys.exit(sys.version_info[:2] != tuple(map(int, '$(PYVER)'.split('.'))))" 2>/dev/null \
+	@$(PY) -c "import sys; sys.exit('%d.%d' % sys.version_info[:2] != '$(PYVER)')" 2>/dev/null \
 		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
@@ -54,7 +54,12 @@ test: $(STAMP) $(CHROMIUM)
 # A quick check of another Python: the CLI's --help, a tiny pretrain -> SFT -> generate round trip, the
 # server answering the OpenAI client (.ci/run runs it on the versions the full suite did not use).
 smoke: $(STAMP)
+	@echo "chatforge: Python $(PYVER) in $(VENV)"
 	$(PY) -m pytest -q -m smoke
+
+# The supported Pythons that run here, newest first (.ci/run smoke-tests all but the first).
+pythons:
+	@echo $(FOUND)
 
 test-slow: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest -q -m slow
