@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,6 +14,7 @@ from chatforge.errors import ChatforgeError  # noqa: E402
 from chatforge.interop.hf import export_hf, import_hf  # noqa: E402
 from chatforge.model.generate import Sampling, generate_ids  # noqa: E402
 from chatforge.model.io import load_run_model, save_model_files  # noqa: E402
+from chatforge.model.moe import MoEConfig  # noqa: E402
 from chatforge.model.transformer import ModelConfig, Transformer  # noqa: E402
 from chatforge.tokenizer import copy_tokenizer, encode, load_tokenizer, render_chat  # noqa: E402
 
@@ -28,6 +30,10 @@ def hf_model(family: str):
         "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=96, **common),
         "llama": lambda: transformers.LlamaConfig(**llama_like),
         "mistral": lambda: transformers.MistralConfig(**llama_like, sliding_window=None),
+        "mixtral": lambda: transformers.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2,
+                                                      sliding_window=None),
+        "mixtral-fused": lambda: transformers.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2,
+                                                            sliding_window=None),
         "qwen2": lambda: transformers.Qwen2Config(**{**llama_like, "tie_word_embeddings": True}),
         "llama-linear": lambda: transformers.LlamaConfig(**llama_like,
                                                          rope_scaling={"rope_type": "linear", "factor": 3.0}),
@@ -49,12 +55,19 @@ def greedy_hf(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "llama-linear", "llama3"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2", "llama-linear", "llama3", "mixtral",
+                                    "mixtral-fused"])
 def test_import_matches_transformers(family, tokenizer_dir, tmp_path):
     theirs = hf_model(family)
     src = tmp_path / "hf"
-    theirs.save_pretrained(src, safe_serialization=True, max_shard_size="200KB" if family == "mistral" else "5GB")
+    theirs.save_pretrained(src, safe_serialization=True, max_shard_size="200KB" if family == "mistral" else "5GB",
+                           save_original_format=family != "mixtral-fused")  # the fused experts transformers 5 holds
     assert (src / "model.safetensors.index.json").is_file() == (family == "mistral")  # sharded, or not
+    if family.startswith("mixtral"):
+        names = set(load_file(src / "model.safetensors"))
+        fused = family == "mixtral-fused"
+        assert ("model.layers.1.mlp.experts.gate_up_proj" in names) == fused
+        assert ("model.layers.1.block_sparse_moe.experts.3.w1.weight" in names) != fused  # the hub's names
     copy_tokenizer(tokenizer_dir, src)
     import_hf(src, tmp_path / "run")
     ours = load_run_model(tmp_path / "run")
@@ -66,13 +79,14 @@ def test_import_matches_transformers(family, tokenizer_dir, tmp_path):
     assert load_tokenizer(tmp_path / "run").get_vocab_size() == VOCAB
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "qwen2", "mixtral"])
 def test_export_loads_in_transformers_with_the_same_logits_and_chat_ids(style, tokenizer_dir, tmp_path):
     torch.manual_seed(0)
     qwen2 = style == "qwen2"  # Llama style with q/k/v biases and tied embeddings
+    moe = MoEConfig(n_experts=4, top_k=2, d_expert=96) if style == "mixtral" else MoEConfig()
     cfg = ModelConfig(style="gpt2" if style == "gpt2" else "llama", vocab_size=VOCAB, context=64, n_layer=2,
                       n_head=4, d_model=64, n_kv_head=0 if style == "gpt2" else 2, bias=style == "gpt2",
-                      qkv_bias=qwen2, tie_embeddings=style != "llama")
+                      qkv_bias=qwen2, tie_embeddings=style in ("gpt2", "qwen2"), moe=moe)
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,6 +106,23 @@ def test_export_loads_in_transformers_with_the_same_logits_and_chat_ids(style, t
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "床前明月光 and Romeo"}]
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(ids) == encode(load_tokenizer(tmp_path / "run"), render_chat(messages, add_generation_prompt=True))
+    if style == "mixtral":
+        table = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert (table["model_type"], table["num_local_experts"], table["num_experts_per_tok"],
+                table["intermediate_size"]) == ("mixtral", 4, 2, 96)
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in load_file(tmp_path / "hf" / "model.safetensors")
+
+
+@pytest.mark.parametrize("moe", [MoEConfig(n_experts=4, top_k=2, every=2), MoEConfig(n_experts=4, top_k=1),
+                                 MoEConfig(n_experts=4, top_k=2, shared_expert=True)])
+def test_an_moe_model_mixtral_cannot_represent_is_refused_on_export(moe, tokenizer_dir, tmp_path):
+    cfg = ModelConfig(style="llama", vocab_size=VOCAB, context=64, n_layer=2, n_head=4, d_model=64, bias=False,
+                      moe=moe)
+    save_model_files(Transformer(cfg), tmp_path / "run")
+    copy_tokenizer(tokenizer_dir, tmp_path / "run")
+    with pytest.raises(ChatforgeError, match=r"exports only as Mixtral, which needs .*every block sparse.*top_k >= 2"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
 
 
 def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
@@ -110,6 +141,10 @@ def test_bad_folders_are_clear_errors_and_leave_no_run(tokenizer_dir, tmp_path):
     mistral = {**table, "architectures": ["MistralForCausalLM"], "sliding_window": 16}
     (bad / "config.json").write_text(json.dumps(mistral))
     with pytest.raises(ChatforgeError, match="sliding-window attention"):
+        import_hf(bad, tmp_path / "r1")
+    mixtral = {**table, "architectures": ["MixtralForCausalLM"], "num_local_experts": 4, "num_experts_per_tok": 1}
+    (bad / "config.json").write_text(json.dumps(mixtral))
+    with pytest.raises(ChatforgeError, match="Mixtral with one expert per token is not supported"):
         import_hf(bad, tmp_path / "r1")
     (bad / "config.json").write_text(json.dumps({**table, "num_hidden_layers": 3}))
     with pytest.raises(ChatforgeError, match=r"missing \['model.layers.2"):

@@ -190,17 +190,22 @@ def _toml_value(v: Any) -> str:
     return json.dumps(str(v), ensure_ascii=False)
 
 
-def dump_toml(table: dict) -> str:
-    """Write a two-level dict (sections of scalars) as TOML; None values are left out."""
+def dump_toml(table: dict, prefix: str = "") -> str:
+    """Write a dict of sections (of scalars, and of sub-sections such as model.moe) as TOML; None values
+    are left out."""
     lines = []
     for section, values in table.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append(f"[{prefix}{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None and not isinstance(v, dict)]
         lines.append("")
+        subsections = {k: v for k, v in values.items() if isinstance(v, dict)}
+        if subsections:
+            lines.append(dump_toml(subsections, f"{prefix}{section}."))
     return "\n".join(lines)
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two configs, ignoring the resume-safe ones."""
-    a, b = _flatten(saved), _flatten(current)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUME_SAFE_KEYS)
+    # a key the saved config lacks (a run from before the key existed) had its default value
+    a, b, default = _flatten(saved), _flatten(current), _flatten(config_to_dict(Config()))
+    return sorted(k for k in set(a) | set(b) if a.get(k, default.get(k)) != b.get(k) and k not in RESUME_SAFE_KEYS)

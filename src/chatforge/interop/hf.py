@@ -1,10 +1,12 @@
-"""Hugging Face `transformers` folders in and out: GPT-2 and Llama-family checkpoints (config.json +
+"""Hugging Face `transformers` folders in and out: GPT-2, Llama-family and Mixtral checkpoints (config.json +
 safetensors), written and read with plain JSON and safetensors — transformers itself is not needed.
 
 The two layouts differ from ours only in names and packing: we keep q, k and v in one fused matrix
 (`attn.qkv`, rows [q; k; v]); transformers' Llama keeps three, GPT-2 one fused `c_attn` stored transposed
 (its `Conv1D` computes x @ W). Our RoPE uses the same rotate-half layout as transformers' Llama, so q and
-k need no permutation.
+k need no permutation. Mixtral's experts are written under the hub's per-expert names
+(`block_sparse_moe.experts.{j}.w1/w3/w2`, what transformers 5's save_pretrained writes too; it fuses them
+into `mlp.experts.gate_up_proj` and `down_proj` only in memory, and import reads that form as well).
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ from tokenizers import Tokenizer
 
 from chatforge.errors import ChatforgeError
 from chatforge.model.io import load_run_model, save_model_files
+from chatforge.model.moe import MoEConfig
 from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.tokenizer import EOT, IM_END, PAD, SPECIAL_TOKENS, copy_tokenizer, load_tokenizer, save_tokenizer
 
-SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM", "Qwen2ForCausalLM")
 
 
 def hf_config(cfg: ModelConfig, tok) -> dict:
     ids = {"eos_token_id": tok.token_to_id(IM_END), "pad_token_id": tok.token_to_id(PAD),
            "bos_token_id": tok.token_to_id(EOT)}
+    moe = cfg.moe
+    if moe.n_experts and (cfg.style == "gpt2" or moe.every != 1 or moe.top_k < 2 or moe.shared_expert
+                          or cfg.bias or cfg.qkv_bias):
+        raise ChatforgeError("export: a mixture-of-experts model exports only as Mixtral, which needs the Llama "
+                             "style, every block sparse (model.moe.every=1), top_k >= 2 (its top-1 weight is 1, "
+                             "ours the router probability), no shared expert and no biases; got "
+                             f"style={cfg.style}, every={moe.every}, top_k={moe.top_k}, "
+                             f"shared_expert={moe.shared_expert}, bias={cfg.bias}, qkv_bias={cfg.qkv_bias}")
     if cfg.style == "gpt2":
         if not cfg.bias or cfg.kv_heads != cfg.n_head:
             raise ChatforgeError("export: a GPT-2 style model needs model.bias=true and plain multi-head attention")
@@ -39,6 +50,12 @@ def hf_config(cfg: ModelConfig, tok) -> dict:
     if cfg.bias:
         raise ChatforgeError("export: a Llama style model with biases has no transformers equivalent")
     arch, kind = ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("LlamaForCausalLM", "llama")
+    experts = {}
+    if moe.n_experts:
+        arch, kind = "MixtralForCausalLM", "mixtral"
+        experts = {"intermediate_size": moe.d_expert or cfg.ffn_dim, "num_local_experts": moe.n_experts,
+                   "num_experts_per_tok": moe.top_k, "router_aux_loss_coef": moe.aux_coef,
+                   "router_jitter_noise": 0.0, "sliding_window": None}
     rope: dict = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope["factor"] = cfg.rope_factor
@@ -50,7 +67,8 @@ def hf_config(cfg: ModelConfig, tok) -> dict:
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
             "head_dim": cfg.d_model // cfg.n_head, "max_position_embeddings": cfg.context,
             "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, **ids}
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, **ids,
+            **experts}
 
 
 def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
@@ -75,7 +93,14 @@ def name_map(cfg: ModelConfig) -> list[tuple[str, str, bool]]:
             pairs += [(f"{ours}attn.proj.weight", f"{theirs}self_attn.o_proj.weight", False),
                       (f"{ours}norm1.weight", f"{theirs}input_layernorm.weight", False),
                       (f"{ours}norm2.weight", f"{theirs}post_attention_layernorm.weight", False)]
-            pairs += [(f"{ours}mlp.{a}.weight", f"{theirs}mlp.{a}_proj.weight", False) for a in ("up", "gate", "down")]
+            if cfg.moe.sparse(i):  # Mixtral: w1 the gate, w3 the up, w2 the down projection
+                moe = f"{theirs}block_sparse_moe."
+                pairs.append((f"{ours}mlp.router.weight", f"{moe}gate.weight", False))
+                pairs += [(f"{ours}mlp.experts.{j}.{a}.weight", f"{moe}experts.{j}.{w}.weight", False)
+                          for j in range(cfg.moe.n_experts) for a, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))]
+            else:
+                pairs += [(f"{ours}mlp.{a}.weight", f"{theirs}mlp.{a}_proj.weight", False)
+                          for a in ("up", "gate", "down")]
     if not cfg.tie_embeddings:
         pairs.append(("lm_head.weight", "lm_head.weight", False))
     return pairs
@@ -152,6 +177,14 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict]:
     head_dim = table.get("head_dim") or table["hidden_size"] // table["num_attention_heads"]
     if head_dim * table["num_attention_heads"] != table["hidden_size"]:
         raise ChatforgeError(f"{path}: head_dim × heads must equal hidden_size for chatforge's attention")
+    moe = {}
+    if arch == "MixtralForCausalLM":
+        if table["num_experts_per_tok"] < 2:
+            raise ChatforgeError(f"{path}: Mixtral with one expert per token is not supported (its weight is 1, "
+                                 "chatforge's top-1 weight is the router probability)")
+        moe = {"moe": MoEConfig(n_experts=table["num_local_experts"], top_k=table["num_experts_per_tok"], every=1,
+                                d_expert=table["intermediate_size"],
+                                aux_coef=float(table.get("router_aux_loss_coef", 0.001)))}
     window = table.get("sliding_window") if arch != "Qwen2ForCausalLM" or table.get("use_sliding_window") else None
     if window and window < table["max_position_embeddings"]:
         raise ChatforgeError(f"{path}: sliding-window attention ({window} of {table['max_position_embeddings']} "
@@ -163,7 +196,7 @@ def read_hf_config(src: Path) -> tuple[ModelConfig, dict]:
                       d_model=table["hidden_size"], d_ff=table["intermediate_size"], bias=False,
                       qkv_bias=arch == "Qwen2ForCausalLM" or bool(table.get("attention_bias")),
                       tie_embeddings=table.get("tie_word_embeddings", False), rope_theta=float(theta),
-                      norm_eps=table.get("rms_norm_eps", 1e-6), **scaling)
+                      norm_eps=table.get("rms_norm_eps", 1e-6), **scaling, **moe)
     return cfg, table
 
 
@@ -182,6 +215,8 @@ def read_hf_tensors(src: Path) -> dict[str, torch.Tensor]:
 
 def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
     """Our state dict from transformers' names; a missing tensor is a clear error naming it."""
+    if cfg.moe.n_experts:
+        tensors = unfuse_experts(tensors)
     want = {k: v.shape for k, v in to_hf_tensors(Transformer(cfg)).items()}
     missing = sorted(set(want) - set(tensors))
     extra = sorted(k for k in set(tensors) - set(want) if not k.endswith((".attn.bias", ".attn.masked_bias",
@@ -204,8 +239,28 @@ def from_hf_tensors(cfg: ModelConfig, tensors: dict[str, torch.Tensor], src: Pat
     return sd
 
 
+def unfuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mixtral's hub names from the fused form transformers 5 holds in memory (and writes with
+    `save_pretrained(save_original_format=False)`): `mlp.gate.weight` (the router), `mlp.experts.gate_up_proj`
+    (experts, [gate; up] rows, d_model) and `mlp.experts.down_proj` (experts, d_model, hidden)."""
+    out = {}
+    for name, t in tensors.items():
+        layer, _, rest = name.partition(".mlp.")
+        moe = f"{layer}.block_sparse_moe."
+        if rest == "gate.weight":
+            out[f"{moe}gate.weight"] = t
+        elif rest == "experts.gate_up_proj":
+            for j, (gate, up) in enumerate(e.chunk(2) for e in t):
+                out[f"{moe}experts.{j}.w1.weight"], out[f"{moe}experts.{j}.w3.weight"] = gate, up
+        elif rest == "experts.down_proj":
+            out |= {f"{moe}experts.{j}.w2.weight": e for j, e in enumerate(t)}
+        else:
+            out[name] = t
+    return out
+
+
 def import_hf(src: str | Path, out: str | Path) -> ModelConfig:
-    """A transformers folder (GPT-2, Llama, Mistral, Qwen2) as a chatforge run folder, tokenizer included."""
+    """A transformers folder (GPT-2, Llama, Mistral, Mixtral, Qwen2) as a chatforge run folder, tokenizer included."""
     src, out = Path(src), Path(out)
     cfg, _ = read_hf_config(src)
     sd = from_hf_tensors(cfg, read_hf_tensors(src), src)

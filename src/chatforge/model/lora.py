@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from chatforge.errors import ChatforgeError
-from chatforge.model.transformer import Transformer
+from chatforge.model.transformer import MLP, Transformer
 
 TARGETS = ("q", "k", "v", "o", "up", "down", "gate")
 
@@ -93,18 +93,22 @@ def apply_lora(model: Transformer, cfg: LoRAConfig) -> list[str]:
     hd = model.cfg.d_model // model.cfg.n_head
     q_size, kv_size = model.cfg.n_head * hd, model.cfg.kv_heads * hd
     qkv_slices = {"q": (0, q_size), "k": (q_size, q_size + kv_size), "v": (q_size + kv_size, q_size + 2 * kv_size)}
-    wrapped = []
-    for i, block in enumerate(model.blocks):
+    wrapped, names = [], {module: name for name, module in model.named_modules()}
+    for block in model.blocks:
         plan = [(block.attn, "qkv", {t: qkv_slices[t] for t in targets if t in qkv_slices}),
                 (block.attn, "proj", {"o": (0, block.attn.proj.out_features)} if "o" in targets else {})]
-        for t in ("up", "down", "gate"):
-            layer = getattr(block.mlp, t)
-            if t in targets and layer is not None:
-                plan.append((block.mlp, t, {t: (0, layer.out_features)}))
+        # a mixture of experts adapts each expert's projections; its router stays frozen, so the adapted
+        # model routes as its base does
+        mlps = [block.mlp] if isinstance(block.mlp, MLP) else [*block.mlp.experts, block.mlp.shared]
+        for mlp in filter(None, mlps):
+            for t in ("up", "down", "gate"):
+                layer = getattr(mlp, t)
+                if t in targets and layer is not None:
+                    plan.append((mlp, t, {t: (0, layer.out_features)}))
         for parent, attr, slices in plan:
             if slices:
                 setattr(parent, attr, LoRALinear(getattr(parent, attr), slices, cfg))
-                wrapped.append(f"blocks.{i}.{attr}")
+                wrapped.append(f"{names[parent]}.{attr}")
     return wrapped
 
 

@@ -49,11 +49,12 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: Transformer, dtype: torch.dtype = torch.bfloat16) -> Transformer:
     """A copy of `model` for inference: every Linear of the blocks and the output layer in int8 (a tied
-    output layer gets its own int8 copy; the embedding lookup stays in `dtype`), the rest in `dtype`."""
+    output layer gets its own int8 copy; the embedding lookup stays in `dtype`), the rest in `dtype`. An MoE
+    router stays in `dtype`: it is small, and rounding it would change which experts a token goes to."""
     quantized = copy.deepcopy(model).to(dtype).eval()
     for module in list(quantized.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and name != "router":
                 setattr(module, name, Int8Linear(child, dtype))
     return quantized
 

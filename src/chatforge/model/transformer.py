@@ -8,11 +8,13 @@ Llama style: rotary positions (RoPE, Su et al., 2021), RMSNorm, SwiGLU MLP, grou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chatforge.model.moe import MoE, MoEConfig
 
 
 @dataclass
@@ -36,6 +38,11 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_context: int = 8192  # llama3: the context the model was first trained at
     norm_eps: float = 1e-5
+    moe: MoEConfig = field(default_factory=MoEConfig)  # sparse feed-forward blocks (model/moe.py)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # as read back from model.json
+            self.moe = MoEConfig(**self.moe)
 
     @property
     def kv_heads(self) -> int:
@@ -66,6 +73,7 @@ class ModelConfig:
             raise ChatforgeError(f"model.rope_scaling must be '', 'linear' or 'llama3', got '{self.rope_scaling}'")
         if self.style == "llama" and (self.d_model // self.n_head) % 2:
             raise ChatforgeError("RoPE needs an even head size: change model.d_model or model.n_head")
+        self.moe.validate()
 
 
 class RMSNorm(nn.Module):
@@ -197,12 +205,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """GPT-2: down(gelu(up(x))). Llama: down(silu(gate(x)) * up(x)), the SwiGLU of Shazeer (2020)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int = 0):
         super().__init__()
+        hidden = hidden or cfg.ffn_dim
         self.swiglu = cfg.style == "llama"
-        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
-        self.gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
-        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.down.residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,12 +221,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); the mlp is a mixture of experts
+    in the blocks `model.moe` makes sparse."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer)
-        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.norm2 = make_norm(cfg)
+        self.mlp = (MoE(cfg.d_model, cfg.moe, lambda: MLP(cfg, cfg.moe.d_expert)) if cfg.moe.sparse(layer)
+                    else MLP(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple | None, cache: KVCache | StaticKVCache | None,
@@ -307,10 +319,21 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
 
+    def active_params(self) -> int:
+        """The parameters one token computes with: an MoE block's router, shared expert and top_k of its
+        experts, not all of them."""
+        idle = 0
+        for block in self.blocks:
+            if isinstance(block.mlp, MoE):
+                per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+                idle += per_expert * (len(block.mlp.experts) - block.mlp.cfg.top_k)
+        return self.num_params() - idle
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores,
-        6N + 12 * n_layer * d_model * context (Kaplan et al., 2020; PaLM appendix B)."""
-        n = self.num_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        6N + 12 * n_layer * d_model * context (Kaplan et al., 2020; PaLM appendix B); N counts the active
+        parameters of an MoE model."""
+        n = self.active_params() - (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
         if not self.cfg.tie_embeddings:
             n -= self.tok_emb.weight.numel()  # a lookup, not a matmul
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * self.cfg.context

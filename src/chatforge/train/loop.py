@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from chatforge.config import Config, TrainConfig, config_differences, config_to_dict, dump_toml
 from chatforge.errors import ChatforgeError
+from chatforge.model.moe import pop_aux_loss, routing_metrics
 from chatforge.train import distributed as dist
 from chatforge.train.checkpoint import full_model_state, load_checkpoint, resolve_checkpoint, save_checkpoint
 from chatforge.train.device import autocast, peak_matmul_flops, pick_device, pick_dtype
@@ -159,7 +160,7 @@ def train(model: torch.nn.Module, stage: Stage, config: Config, run_dir: str | P
                         sharded=fsdp)
 
     evaluation: dict = {}
-    bad_steps = 0
+    bad_steps, warned_collapse = 0, False
     bar = tqdm(total=cfg.steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15, disable=not main)
     try:
@@ -177,7 +178,9 @@ def train(model: torch.nn.Module, stage: Stage, config: Config, run_dir: str | P
                     batch = stage.next_batch()  # RL: sampling a new round of rollouts, on the steps that start one
                     batch_s += time.perf_counter() - t_batch
                     tokens += stage.tokens(batch)
-                    loss = stage.loss(forward, batch) / cfg.grad_accum
+                    loss = stage.loss(forward, batch)
+                    aux = pop_aux_loss(trained)  # a mixture of experts' balance and z-losses (model/moe.py)
+                    loss = (loss if aux is None else loss + aux) / cfg.grad_accum
                     loss.backward()
                 loss_sum += loss.item()
             if cfg.parallel == "ddp" and not stage.ddp_wrap:
@@ -204,7 +207,13 @@ def train(model: torch.nn.Module, stage: Stage, config: Config, run_dir: str | P
             # the update's speed: the global batch's tokens over the step's time less the time its batches took
             tokens_per_s = tokens * dist.rank_world()[1] / max(dt - batch_s, 1e-9)
             record = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                      "mfu": flops_per_token * tokens_per_s / peak, "batch_s": batch_s, **stage.metrics()}
+                      "mfu": flops_per_token * tokens_per_s / peak, "batch_s": batch_s, **stage.metrics(),
+                      **routing_metrics(trained)}
+            if record.get("router_collapsed") and step > cfg.warmup_steps and not warned_collapse and main:
+                warned_collapse = True
+                bar.write(f"{stage.name}: warning: the router sends {record['expert_share_max']:.0%} of the "
+                              f"assignments to one expert at step {step} (collapsed; model.moe.aux_coef raises "
+                              "the balance loss's weight)")
             if stage.evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 trained.eval()
                 with torch.no_grad(), autocast(device, step_dtype):
