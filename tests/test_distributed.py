@@ -217,3 +217,20 @@ def test_grpo_under_ddp_each_rank_its_rollouts(sft_run, tasks, tmp_path):
     rl[rl.index(str(out))] = str(tmp_path / "fsdp")
     done = run(["grpo", *rl, "train.parallel=fsdp"], ranks=2)
     assert done.returncode != 0 and "use ddp" in done.stderr
+
+
+def test_an_moe_model_under_ddp_and_fsdp_equals_one_process(data_dir, tmp_path):
+    """Every expert runs on every rank (on zero rows if none of its tokens are there), so DDP's gradient
+    all-reduce and FSDP's shards see each weight. The balance loss is each rank's own, as in Switch and
+    GShard (E Σ f_i P_i of a rank's tokens is not the global batch's), so it is off here to compare exactly;
+    the z-loss is a mean over tokens and stays on."""
+    moe = ["model.style=llama", "model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.aux_coef=0"]
+    outs = {name: tmp_path / name for name in ("one", "ddp", "fsdp")}
+    for name, out in outs.items():
+        parallel = [] if name == "one" else [f"train.parallel={name}"]
+        done = run(["pretrain", "--config", "configs/demo.toml", "--out", str(out), *overrides(data_dir), *moe,
+                    *parallel], ranks=0 if name == "one" else 2)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("ddp", "fsdp"):
+        assert losses(outs[name]) == pytest.approx(losses(outs["one"]), abs=1e-5), name
+        assert largest_difference(outs[name], outs["one"]) < 1e-5, name

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from chatforge.config import load_config
 from chatforge.model.generate import Sampling, generate_ids
@@ -40,6 +42,19 @@ def test_one_expert_with_top_1_is_the_dense_feed_forward_exactly(style):
     assert sparse.active_params() == dense.num_params() + 2 * 32  # the two routers, 1 × d_model each
 
 
+def test_flops_per_token_counts_the_active_parameters():
+    """Against torch's own count of one training step (as test_model does for dense models): the experts
+    compute on N·k rows in all, so 6 × the active parameters (router and top_k experts) is exact."""
+    for k in (1, 2):
+        model = tiny("llama", top_k=k).train()
+        ids = torch.randint(0, 97, (2, model.cfg.context))
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(ids, targets=ids).backward()
+        vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+        assert counter.get_total_flops() + 6 * vectors * ids.numel() == model.flops_per_token() * ids.numel()
+        assert model.active_params() < model.num_params()
+
+
 def test_balance_loss_is_one_for_a_uniform_router_and_n_experts_for_a_collapsed_one():
     torch.manual_seed(0)
     x = torch.randn(64, 16).abs()  # positive inputs, so a router row of ones scores highest on every token
@@ -67,8 +82,11 @@ def test_cached_static_and_padded_logits_equal_the_full_forward():
     padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], dim=1)  # left padding, as the engine batches
     real = torch.cat([torch.zeros(2, 3, dtype=torch.bool), torch.ones(2, 20, dtype=torch.bool)], dim=1)
     assert torch.allclose(model(padded, real=real)[:, 3:], full, atol=1e-5)
-    stream = list(generate_ids(model, ids[0, :5].tolist(), Sampling(temperature=0, max_new_tokens=10), []))
+    greedy = Sampling(temperature=0, max_new_tokens=10)
+    stream = list(generate_ids(model, ids[0, :5].tolist(), greedy, []))
     assert len(stream) == 10 and not model.blocks[0].mlp.aux_losses  # eval mode records nothing
+    # the compiled decode step traces the routing-independent form of the layer: the same tokens
+    assert list(generate_ids(model, ids[0, :5].tolist(), greedy, [], compile=True)) == stream
 
 
 def test_lora_adapts_the_experts_and_leaves_the_router_frozen():

@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from chatforge.model.generate import Sampling, default_stop_ids, generate_ids
+from chatforge.model.moe import MoEConfig
 from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.serve.api import Limits, create_app
 from chatforge.serve.engine import Engine, EngineBusy, Request
@@ -22,9 +23,11 @@ NEVER = 10**9  # max_new_tokens that never binds: replies end by the context or 
 
 
 def tiny_model(style: str, vocab: int, context: int = 64) -> Transformer:
+    """style: gpt2, llama, or llama-moe (4 experts, top-2: model/moe.py)."""
     torch.manual_seed(0)
+    style, _, moe = style.partition("-")
     cfg = ModelConfig(style=style, vocab_size=vocab, context=context, n_layer=2, n_head=4, d_model=64,
-                      n_kv_head=2 if style == "llama" else 0)
+                      n_kv_head=2 if style == "llama" else 0, moe=MoEConfig(n_experts=4 if moe else 0))
     return Transformer(cfg).eval()
 
 
@@ -53,7 +56,7 @@ def test_a_seeded_request_samples_the_same_reply_from_serve_as_from_chat(tokeniz
         assert r.tokens == alone and len(alone) >= 4
 
 
-@pytest.mark.parametrize("style", ["gpt2", "llama"])
+@pytest.mark.parametrize("style", ["gpt2", "llama", "llama-moe"])
 def test_engine_matches_one_at_a_time_generation_while_requests_join_and_leave(style, tokenizer_dir):
     """Requests join a running batch at different steps and leave at different lengths; each gets exactly
     the greedy tokens it would get alone, so batching changes speed, never replies."""

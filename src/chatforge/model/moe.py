@@ -65,13 +65,19 @@ class MoE(nn.Module):
         if k > 1:
             weight = weight / weight.sum(-1, keepdim=True)
         flat = expert.flatten()
-        order = flat.argsort(stable=True)  # assignments grouped by expert, in token order within each
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.cfg.n_experts)
-        # every expert runs, on zero rows if it got none, so each weight has a gradient (DDP needs them all)
-        slices = x[token].split(counts.tolist())
-        y = torch.cat([expert_mlp(rows) for expert_mlp, rows in zip(self.experts, slices, strict=True)])
-        out = torch.zeros_like(x).index_add_(0, token, y * weight.flatten()[order, None].to(y.dtype))
+        counts = nn.functional.one_hot(flat, self.cfg.n_experts).sum(0)  # assignments per expert
+        if torch.compiler.is_compiling():
+            # a traced graph (the compiled decode step) needs shapes that do not depend on the routing: every
+            # expert runs on every token and the ones not chosen are weighted 0. The same numbers, E/k × the FLOPs
+            gates = torch.zeros_like(probs).scatter(-1, expert, weight).to(x.dtype)  # (tokens, experts)
+            out = sum(gates[:, j, None] * expert_mlp(x) for j, expert_mlp in enumerate(self.experts))
+        else:
+            order = flat.argsort(stable=True)  # assignments grouped by expert, in token order within each
+            token = order // k
+            # every expert runs, on zero rows if it got none, so each weight has a gradient (DDP needs them all)
+            slices = x[token].split(counts.tolist())
+            y = torch.cat([expert_mlp(rows) for expert_mlp, rows in zip(self.experts, slices, strict=True)])
+            out = y.new_zeros(x.shape).index_add_(0, token, y * weight.flatten()[order, None].to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training and torch.is_grad_enabled():

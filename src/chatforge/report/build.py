@@ -135,7 +135,8 @@ def _curve_blocks(info: dict, plots: dict[str, str]) -> list[tuple]:
     captions = {"loss": "Training loss per stage (dots: held-out loss where logged)",
                 "pretrain_bpb": "Pre-training: held-out bits per byte, unigram baseline dashed",
                 "lr": "Learning-rate schedules", "accuracy": "Held-out accuracy over training",
-                "rl": "RL: reward, KL to the reference, entropy"}
+                "rl": "RL: reward, KL to the reference, entropy",
+                "experts": "Mixture of experts: each expert's share of the routed tokens over training"}
     drawn = [k for k in captions if k in plots]
     if not drawn:
         return blocks + [("p", "No metrics.jsonl in any stage folder yet.")]

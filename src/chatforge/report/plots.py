@@ -111,6 +111,30 @@ def plot_rl(info: dict, out_dir: Path) -> str | None:
     return _save(fig, out_dir, "rl.png")
 
 
+def plot_expert_usage(info: dict, out_dir: Path, name: str = "experts.png") -> str | None:
+    """A mixture of experts' routing over training, one panel per stage that has one: each expert's share
+    of the router's assignments (averaged over the sparse blocks), and the uniform share 1/E dashed."""
+    stages = {s: [r for r in rows if r.get("expert_share")] for s, rows in info["metrics"].items()}
+    stages = {s: rows for s, rows in stages.items() if rows}
+    if not stages:
+        return None
+    fig, axes = _grid(len(stages))
+    for ax, (stage, rows) in zip(axes, stages.items(), strict=True):
+        steps, n = [r["step"] for r in rows], len(rows[0]["expert_share"])
+        for j in range(n):
+            ax.plot(steps, [r["expert_share"][j] for r in rows], lw=1.0, label=f"expert {j}")
+        ax.axhline(1 / n, ls="--", color="gray", lw=0.8)
+        ax.set_title(stage, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("share of assignments")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+        if n <= 8:
+            ax.legend(fontsize=6, ncol=2)
+    fig.suptitle("Expert usage (dashed: balanced)")
+    return _save(fig, out_dir, name)
+
+
 def plot_accuracy(info: dict, out_dir: Path) -> str | None:
     """Held-out accuracy over steps: reward model and classifier, and DPO's implicit-reward accuracy."""
     lines = [("rm", "val_accuracy", "reward model: pairwise accuracy"),
@@ -213,6 +237,7 @@ def draw_all(info: dict, models: dict[str, dict], out_dir: Path) -> dict[str, st
              "pretrain_bpb": plot_bpb(info, out_dir),
              "lr": plot_per_stage(info, out_dir, "lr", "lr.png", "Learning-rate schedule per stage", "learning rate"),
              "rl": plot_rl(info, out_dir), "accuracy": plot_accuracy(info, out_dir),
+             "experts": plot_expert_usage(info, out_dir),
              "success": plot_success(models, out_dir),
              "overoptimisation": plot_overoptimisation(info.get("form", {}), out_dir),
              "energy": plot_energy(info, out_dir)}

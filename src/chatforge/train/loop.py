@@ -80,6 +80,10 @@ class MetricsLog:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, record["step"])
+                elif isinstance(value, list):  # one curve per number (a mixture's expert_share: one per expert)
+                    for j, item in enumerate(value):
+                        if isinstance(item, int | float):
+                            self.tb.add_scalar(f"{key}/{j}", item, record["step"])
 
     def close(self) -> None:
         if self.tb is not None:
