@@ -11,12 +11,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from chatforge.config import load_config
+from chatforge.errors import ChatforgeError
 from chatforge.model.generate import Sampling, generate_ids
 from chatforge.model.io import load_run_model
 from chatforge.model.lora import LoRAConfig, apply_lora
 from chatforge.model.moe import MoE, MoEConfig, pop_aux_loss, routing_metrics
 from chatforge.model.quantize import quantize_int8
 from chatforge.model.transformer import KVCache, ModelConfig, StaticKVCache, Transformer
+from chatforge.report.plots import plot_expert_usage
 from chatforge.stages.pretrain import run_pretrain
 from chatforge.train.loop import Stage, train
 from conftest import tiny_config
@@ -40,6 +42,13 @@ def test_one_expert_with_top_1_is_the_dense_feed_forward_exactly(style):
     ids = torch.randint(0, 97, (3, 20))
     assert torch.equal(sparse(ids), dense(ids))
     assert sparse.active_params() == dense.num_params() + 2 * 32  # the two routers, 1 × d_model each
+
+
+def test_a_bad_moe_config_is_a_clear_error():
+    with pytest.raises(ChatforgeError, match="top_k .5. must be between 1 and model.moe.n_experts .4."):
+        tiny(top_k=5)
+    with pytest.raises(ChatforgeError, match="unknown config key 'model.moe.experts'"):
+        load_config(None, ["model.moe.experts=4"])
 
 
 def test_flops_per_token_counts_the_active_parameters():
@@ -121,6 +130,7 @@ def test_a_collapsed_router_is_logged_and_warned_about(tmp_path, capsys):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["router_collapsed"] and r["expert_share"][0] == 0.5 for r in rows)  # half: top-2
     assert "collapsed" in capsys.readouterr().out
+    assert (tmp_path / plot_expert_usage({"metrics": {"toy": rows}}, tmp_path)).stat().st_size > 1000  # the report's
 
 
 @pytest.mark.learning

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parsers(sub)
 
     p = sub.add_parser("pretrain", help="pre-train a model on prepared shards",
-                       description="Pre-train. Overrides look like train.lr=1e-3 model.n_layer=4.")
+                       description="Pre-train. Overrides look like train.lr=1e-3 model.n_layer=4; a mixture "
+                                   "of experts: model.moe.n_experts=4 model.moe.top_k=2 (docs/moe.md).")
     add_run_flags(p, "configs/demo.toml", "runs/default/pretrain")
     p.set_defaults(func=cmd_pretrain)
 
