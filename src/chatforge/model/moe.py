@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+ROW_MULTIPLE = 128
+
 
 @dataclass
 class MoEConfig:
@@ -73,10 +75,19 @@ class MoE(nn.Module):
             out = sum(gates[:, j, None] * expert_mlp(x) for j, expert_mlp in enumerate(self.experts))
         else:
             order = flat.argsort(stable=True)  # assignments grouped by expert, in token order within each
-            token = order // k
+            token, by_expert = order // k, flat[order]
+            # In training each expert's rows are padded with zero rows to a multiple of 128: the routing changes
+            # every step, and a CPU's bf16 matmul (oneDNN) builds a kernel for each new shape, which cost a
+            # third of the step; with few distinct shapes they are built once. Decoding pads nothing.
+            multiple = ROW_MULTIPLE if self.training else 1
+            padded = (counts + multiple - 1) // multiple * multiple
+            slot = (padded.cumsum(0) - padded)[by_expert] + torch.arange(flat.numel(), device=x.device) \
+                - (counts.cumsum(0) - counts)[by_expert]  # where each assignment's row goes
+            index = torch.full((int(padded.sum()),), x.shape[0], device=x.device).index_copy_(0, slot, token)
+            rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[index]  # index x.shape[0]: the zero row
             # every expert runs, on zero rows if it got none, so each weight has a gradient (DDP needs them all)
-            slices = x[token].split(counts.tolist())
-            y = torch.cat([expert_mlp(rows) for expert_mlp, rows in zip(self.experts, slices, strict=True)])
+            slices = rows.split(padded.tolist())
+            y = torch.cat([expert_mlp(r) for expert_mlp, r in zip(self.experts, slices, strict=True)])[slot]
             out = y.new_zeros(x.shape).index_add_(0, token, y * weight.flatten()[order, None].to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
