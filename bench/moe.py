@@ -74,19 +74,22 @@ def train_variant(name: str, steps: int, data: Path, work: Path, precision: str)
     return {"variant": name, "steps": steps, "seconds": round(seconds, 1), "val_bpb": result["val_bpb"],
             "params": model.num_params(), "active_params": model.active_params(),
             "train_tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]),
-            "decode_tokens_per_s": decode_speed(model), "router_entropy": last.get("router_entropy"),
+            "folder": str(out), "router_entropy": last.get("router_entropy"),
             "expert_share_max": last.get("expert_share_max"), "balance": last.get("moe_balance"),
             "metrics": rows}
 
 
-def decode_speed(model: torch.nn.Module, new: int = 64) -> float:
-    """Batch-1 greedy decode with the KV cache (eager), median of 3, after one warm-up."""
-    greedy, times = Sampling(temperature=0, max_new_tokens=new), []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        n = len(list(generate_ids(model, [1, 2, 3], greedy, set())))
-        times.append(n / (time.perf_counter() - t0))
-    return statistics.median(times[1:])
+def decode_speeds(runs: dict[str, Path], new: int = 64, repeats: int = 9) -> dict[str, float]:
+    """Batch-1 greedy decode tokens/s with the KV cache (eager) of each run's model, the models taking turns
+    (so a slow second of the machine falls on all of them), median of `repeats` after two warm-up rounds."""
+    models = {name: load_run_model(folder) for name, folder in runs.items()}
+    greedy, times = Sampling(temperature=0, max_new_tokens=new), {name: [] for name in runs}
+    for _ in range(repeats + 2):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            n = len(list(generate_ids(model, [1, 2, 3], greedy, set())))
+            times[name].append(n / (time.perf_counter() - t0))
+    return {name: statistics.median(t[2:]) for name, t in times.items()}
 
 
 def main() -> None:
@@ -112,6 +115,8 @@ def main() -> None:
             if name != "dense":
                 ratio = same_steps[name]["train_tokens_per_s"] / dense["train_tokens_per_s"]
                 same_time[name] = train_variant(name, max(10, round(args.steps * ratio)), data, work, args.precision)
+    for name, speed in decode_speeds({n: Path(r["folder"]) for n, r in same_steps.items()}).items():
+        same_steps[name]["decode_tokens_per_s"] = speed
     header = (f"{'variant':<28} {'params':>9} {'active':>9} {'train tok/s':>11} {'decode tok/s':>12} "
               f"{'bpb, equal steps':>16} {'bpb, equal time (steps)':>24} {'entropy':>7} {'max share':>9}")
     print(header)

@@ -7,6 +7,7 @@ peak matmul FLOP/s in the same precision, measured in the same run.
     python bench/train_throughput.py --compile       # the same with torch.compile (compiles first)
     python bench/train_throughput.py --config configs/gpt2-124m.toml --batch 16 --precision bf16 --compile
                                                      # GPT-2 small on a GPU (scripts/gpu_check.sh runs it)
+    python bench/train_throughput.py --config configs/gpt2-124m.toml --moe 8,2,1536   # 8 half-size experts, top-2
 
 Reference config (without --config): 6 layers, 6 heads, d_model 384, context 256, vocabulary 8192, batch 8,
 no biases. With --config PATH the [model] table of that TOML is the model and its context the sequence length.
@@ -38,6 +39,7 @@ import time
 import torch
 
 from chatforge.config import TrainConfig, load_config
+from chatforge.model.moe import MoEConfig, pop_aux_loss
 from chatforge.model.transformer import ModelConfig, Transformer
 from chatforge.train.device import autocast, bf16_supported, peak_matmul_flops, pick_device
 from chatforge.train.loop import build_optimizer
@@ -114,6 +116,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
         cfg = ModelConfig(style="gpt2", **REFERENCE_MODEL)
     if args.style:
         cfg.style = args.style
+    if args.moe:  # E,K[,H]: every block's MLP becomes E experts (hidden size H, default the MLP's), top-K
+        n_experts, top_k, *hidden = (int(v) for v in args.moe.split(","))
+        cfg.moe = MoEConfig(n_experts=n_experts, top_k=top_k, d_expert=hidden[0] if hidden else 0)
     return cfg
 
 
@@ -133,7 +138,8 @@ def measure(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype, devi
     def step() -> None:
         with autocast(device, dtype):
             loss = forward(x, targets=y)
-        loss.backward()
+            aux = pop_aux_loss(model)  # a mixture of experts' balance and z-losses, as the training loop adds
+        (loss if aux is None else loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -164,6 +170,7 @@ def measure(args: argparse.Namespace, cfg: ModelConfig, dtype: torch.dtype, devi
         "flops_per_token": model.flops_per_token(),
         "achieved_flops": model.flops_per_token() * tokens_per_s,
         "params": model.num_params(),
+        "active_params": model.active_params(),
         "warmup_s": warmup_s,
         "step_ms_median": 1e3 * statistics.median(times),
         "step_ms_min": 1e3 * min(times),
@@ -180,6 +187,8 @@ def main() -> None:
                         "(e.g. configs/gpt2-124m.toml; default: the reference config above)")
     p.add_argument("--style", choices=["gpt2", "llama"], default=None,
                    help="model style (default: the config's, gpt2 for the reference config)")
+    p.add_argument("--moe", metavar="E,K[,H]",
+                   help="a mixture of E experts (hidden size H), top-K, in every block (docs/moe.md)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per precision (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step, each of the config's context (default 8)")

@@ -75,25 +75,33 @@ class MoE(nn.Module):
             out = sum(gates[:, j, None] * expert_mlp(x) for j, expert_mlp in enumerate(self.experts))
         else:
             order = flat.argsort(stable=True)  # assignments grouped by expert, in token order within each
-            token, by_expert = order // k, flat[order]
-            # In training each expert's rows are padded with zero rows to a multiple of 128: the routing changes
-            # every step, and a CPU's bf16 matmul (oneDNN) builds a kernel for each new shape, which cost a
-            # third of the step; with few distinct shapes they are built once. Decoding pads nothing.
-            multiple = ROW_MULTIPLE if self.training else 1
-            padded = (counts + multiple - 1) // multiple * multiple
-            slot = (padded.cumsum(0) - padded)[by_expert] + torch.arange(flat.numel(), device=x.device) \
-                - (counts.cumsum(0) - counts)[by_expert]  # where each assignment's row goes
-            index = torch.full((int(padded.sum()),), x.shape[0], device=x.device).index_copy_(0, slot, token)
-            rows = torch.cat([x, x.new_zeros(1, x.shape[1])])[index]  # index x.shape[0]: the zero row
-            # every expert runs, on zero rows if it got none, so each weight has a gradient (DDP needs them all)
-            slices = rows.split(padded.tolist())
-            y = torch.cat([expert_mlp(r) for expert_mlp, r in zip(self.experts, slices, strict=True)])[slot]
+            token = order // k
+            if self.training:
+                rows, slot, sizes = self._padded_rows(x, flat[order], token, counts)
+            else:  # inference: the rows as they are, and only the experts that got some run
+                rows, slot, sizes = x[token], None, counts
+            # in training every expert runs, on zero rows if it got none, so each weight has a gradient
+            # (DDP needs them all)
+            y = torch.cat([expert_mlp(r) for expert_mlp, r in zip(self.experts, rows.split(sizes.tolist()),
+                                                                   strict=True) if self.training or len(r)])
+            y = y if slot is None else y[slot]
             out = y.new_zeros(x.shape).index_add_(0, token, y * weight.flatten()[order, None].to(y.dtype))
         if self.shared is not None:
             out = out + self.shared(x)
         if self.training and torch.is_grad_enabled():
             self._record(logits, probs, counts)
         return out.view(shape)
+
+    @staticmethod
+    def _padded_rows(x: torch.Tensor, by_expert: torch.Tensor, token: torch.Tensor, counts: torch.Tensor):
+        """Each expert's rows padded with zero rows to a multiple of 128, and where each assignment's row is.
+        The routing changes every training step, and a CPU's bf16 matmul (oneDNN) builds a kernel for each
+        new shape, which cost a third of the step; with few distinct shapes they are built once."""
+        padded = (counts + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
+        rank = torch.arange(len(token), device=x.device) - (counts.cumsum(0) - counts)[by_expert]
+        slot = (padded.cumsum(0) - padded)[by_expert] + rank
+        index = torch.full((int(padded.sum()),), x.shape[0], device=x.device).index_copy_(0, slot, token)
+        return torch.cat([x, x.new_zeros(1, x.shape[1])])[index], slot, padded  # index x.shape[0]: the zero row
 
     def _record(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
         share = counts.float() / counts.sum()  # f_i
