@@ -58,12 +58,13 @@ def demo_data(work: Path) -> Path:
     return work / "data"
 
 
-def train_variant(name: str, steps: int, data: Path, work: Path, precision: str) -> dict:
+def train_variant(name: str, steps: int, data: Path, work: Path, precision: str, seed: int) -> dict:
     out = work / f"{name}-{steps}"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(REPO / "configs/demo.toml", [f"data.dir={data}", f"train.steps={steps}", "train.log_every=5",
                                                    f"train.eval_every={steps}", "train.eval_batches=32",
                                                    f"train.checkpoint_every={steps}", f"train.precision={precision}",
+                                                   f"train.seed={seed}",
                                                    *VARIANTS[name]])
     t0 = time.perf_counter()
     result = run_pretrain(cfg, out)
@@ -96,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=420, help="the dense run's steps (the demo's: 420)")
     parser.add_argument("--precision", default="auto", help="auto (bf16 where native) | fp32 | bf16")
+    parser.add_argument("--seed", type=int, default=1337, help="train.seed of every run (the demo's: 1337)")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants: " + ", ".join(VARIANTS))
     parser.add_argument("--work", default="runs/bench-moe", help="where the runs go")
     parser.add_argument("--json", help="write the results here")
@@ -107,14 +109,15 @@ def main() -> None:
     names = args.only.split(",")
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
           f"precision {args.precision}")
-    same_steps = {name: train_variant(name, args.steps, data, work, args.precision) for name in names}
+    same_steps = {name: train_variant(name, args.steps, data, work, args.precision, args.seed) for name in names}
     dense = same_steps.get("dense")
     same_time = {}
     if dense:
         for name in names[1:] if names[0] == "dense" else names:
             if name != "dense":
                 ratio = same_steps[name]["train_tokens_per_s"] / dense["train_tokens_per_s"]
-                same_time[name] = train_variant(name, max(10, round(args.steps * ratio)), data, work, args.precision)
+                same_time[name] = train_variant(name, max(10, round(args.steps * ratio)), data, work, args.precision,
+                                              args.seed)
     for name, speed in decode_speeds({n: Path(r["folder"]) for n, r in same_steps.items()}).items():
         same_steps[name]["decode_tokens_per_s"] = speed
     header = (f"{'variant':<28} {'params':>9} {'active':>9} {'train tok/s':>11} {'decode tok/s':>12} "
