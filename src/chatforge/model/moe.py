@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ROW_MULTIPLE = 128
+ROW_MULTIPLE = 128  # in training each expert's rows are padded to a multiple of this (MoE._padded_rows)
 
 
 @dataclass
