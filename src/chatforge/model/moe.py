@@ -120,8 +120,9 @@ def pop_aux_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the auxiliary losses of every training forward pass since the last call, or None for a
     dense model. The shared loop calls it after each micro-batch's loss; other code that trains an MoE model
     must call it too, or the list grows."""
-    losses = [loss for layer in moe_layers(model) for loss in layer.aux_losses]
-    for layer in moe_layers(model):
+    layers = moe_layers(model)
+    losses = [loss for layer in layers for loss in layer.aux_losses]
+    for layer in layers:
         layer.aux_losses = []
     return torch.stack(losses).sum() if losses else None
 
@@ -130,13 +131,14 @@ def routing_metrics(model: nn.Module) -> dict:
     """The last training step's routing, averaged over the sparse layers: the balance loss (1 = uniform),
     the z-loss, the router's entropy (log E = uniform), each expert's share of the assignments, and
     whether the router has collapsed onto a few experts."""
-    stats = [layer.stats for layer in moe_layers(model) if layer.stats]
-    if not stats:
+    layers = [layer for layer in moe_layers(model) if layer.stats]
+    if not layers:
         return {}
+    stats = [layer.stats for layer in layers]
     share = torch.stack([s["share"] for s in stats]).mean(0)
     # collapsed: the busiest expert's share is 90% of the way from a uniform router's (1/E) to the most one
     # expert can get (1/k, since each token's k experts are distinct)
-    top_k, n = moe_layers(model)[0].cfg.top_k, len(share)
+    top_k, n = layers[0].cfg.top_k, len(share)
     return {"moe_balance": torch.stack([s["balance"] for s in stats]).mean().item(),
             "moe_z": torch.stack([s["z"] for s in stats]).mean().item(),
             "router_entropy": torch.stack([s["entropy"] for s in stats]).mean().item(),
